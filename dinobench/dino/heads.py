@@ -1,0 +1,86 @@
+"""Projection heads g that map a backbone feature to K logits, and the backbone+head pair."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..vit import ViT
+
+
+class SeedHead(nn.Module):
+    """The seed's head: one linear map from the CLS feature to K outputs."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        if out_dim < 2:
+            raise ValueError(f"out_dim (K) must be at least 2, got {out_dim}")
+        self.linear = nn.Linear(in_dim, out_dim)
+        nn.init.trunc_normal_(self.linear.weight, std=0.02)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+    def last_layer_parameters(self) -> list[nn.Parameter]:
+        return []  # nothing is frozen in the seed's head
+
+
+class DINOHead(nn.Module):
+    """The official head: a 3-layer MLP to a bottleneck, L2 normalisation, and a
+    weight-normalised linear layer (no bias) to K outputs.
+
+    The last layer's weight norm g is fixed at 1 (the reference code's
+    ``norm_last_layer=True``), so the layer is ``F.linear(x, V / ||V||_row)``: writing it
+    out keeps the module free of ``weight_norm`` hooks and friendly to ``torch.compile``.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048,
+                 bottleneck_dim: int = 256):
+        super().__init__()
+        if out_dim < 2:
+            raise ValueError(f"out_dim (K) must be at least 2, got {out_dim}")
+        self.mlp = nn.Sequential(
+            nn.Linear(in_dim, hidden_dim), nn.GELU(),
+            nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
+            nn.Linear(hidden_dim, bottleneck_dim),
+        )
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        self.last_layer_v = nn.Parameter(torch.empty(out_dim, bottleneck_dim))
+        nn.init.kaiming_uniform_(self.last_layer_v, a=5**0.5)  # nn.Linear's default
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.normalize(self.mlp(x), dim=-1)
+        return F.linear(x, F.normalize(self.last_layer_v, dim=-1))
+
+    def last_layer_parameters(self) -> list[nn.Parameter]:
+        """Parameters kept frozen during the first epoch(s), which stabilises training."""
+        return [self.last_layer_v]
+
+
+def build_head(kind: str, in_dim: int, out_dim: int, hidden_dim: int = 2048,
+               bottleneck_dim: int = 256) -> nn.Module:
+    if kind == "seed":
+        return SeedHead(in_dim, out_dim)
+    if kind == "official":
+        return DINOHead(in_dim, out_dim, hidden_dim, bottleneck_dim)
+    raise ValueError(f"unknown head {kind!r}; choose 'seed' or 'official'")
+
+
+class DINOModel(nn.Module):
+    """Backbone and head. Called with a list of crop batches (one tensor per crop size),
+    it runs the backbone once per size and returns the logits of all crops concatenated
+    in the order given: ``(sum of batch sizes, K)``."""
+
+    def __init__(self, backbone: ViT, head: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, crops: list[torch.Tensor]) -> torch.Tensor:
+        features = torch.cat([self.backbone(c) for c in crops])
+        return self.head(features)
