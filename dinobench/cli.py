@@ -78,6 +78,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--knn-k", type=int, default=20, help="k-NN neighbours (default: 20)")
     run.add_argument("--knn-temperature", type=float, default=0.07,
                      help="k-NN vote temperature (default: 0.07)")
+    data = run.add_argument_group("data")
+    data.add_argument("--data-dir", default=None, metavar="DIR",
+                      help="folder holding <name>.npz files or torchvision's dataset folders "
+                      "(default: $DINOBENCH_DATA, else ~/.cache/dinobench)")
+    data.add_argument("--download", action="store_true",
+                      help="let torchvision download a dataset that is not in --data-dir")
+    data.add_argument("--train-subset", type=int, default=None, metavar="N",
+                      help="use a stratified random subset of N train images")
+    data.add_argument("--labels-per-class", type=int, default=None, metavar="N",
+                      help="labelled train images per class for probes and baselines")
+    data.add_argument("--pretrain-subset", type=int, default=None, metavar="N",
+                      help="pre-train on a random subset of N images (STL-10: the seed "
+                      "used 50000 of the unlabelled split)")
     _add_recipe_flags(run)
 
     report = sub.add_parser("report", help="rebuild tables and figures from results.json",
@@ -99,7 +112,10 @@ def _run(args: argparse.Namespace) -> None:
     run(RunOptions(datasets=args.datasets, recipe=args.recipe, profile=args.profile,
                    overrides=overrides, seeds=args.seeds, device=args.device, out=args.out,
                    compile=args.compile, knn_k=args.knn_k,
-                   knn_temperature=args.knn_temperature, progress=not args.no_progress))
+                   knn_temperature=args.knn_temperature, progress=not args.no_progress,
+                   data_dir=args.data_dir, download=args.download,
+                   train_subset=args.train_subset, labels_per_class=args.labels_per_class,
+                   pretrain_subset=args.pretrain_subset))
 
 
 def _report(args: argparse.Namespace) -> None:

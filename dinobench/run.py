@@ -46,6 +46,17 @@ class RunOptions:
     knn_temperature: float = 0.07
     attention_images: int = 16  # test images in the attention figure
     progress: bool = True  # tqdm bars
+    # Data selection, passed to load_dataset.
+    data_dir: str | Path | None = None  # None: $DINOBENCH_DATA or the default cache folder
+    download: bool = False  # let torchvision download missing datasets
+    train_subset: int | None = None  # stratified, seeded subset of the train split
+    labels_per_class: int | None = None  # labelled images per class for probes/baselines
+    pretrain_subset: int | None = None  # random subset of the pre-training images
+
+    def data_kwargs(self) -> dict:
+        return {"data_dir": self.data_dir, "download": self.download,
+                "train_subset": self.train_subset, "labels_per_class": self.labels_per_class,
+                "pretrain_subset": self.pretrain_subset}
 
 
 def resolve_recipe(opts: RunOptions, dataset: str, dataset_epochs: int) -> Recipe:
@@ -181,7 +192,7 @@ def run(opts: RunOptions | None = None, log: Callable[[str], None] = print) -> l
     t0 = time.perf_counter()
     rows, figures, recipes = [], [], {}
     for name in opts.datasets:
-        ds = load_dataset(name)
+        ds = load_dataset(name, **opts.data_kwargs())
         ds_rows, ds_figures, recipes[name] = run_dataset(ds, opts, out_dir, log)
         rows += ds_rows
         figures += ds_figures

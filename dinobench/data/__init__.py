@@ -11,7 +11,9 @@ def known_datasets() -> list[str]:
     return sorted(SPECS)
 
 
-def load_dataset(name: str) -> Dataset:
+def load_dataset(name: str, *, data_dir=None, download: bool = False,
+                 train_subset: int | None = None, labels_per_class: int | None = None,
+                 pretrain_subset: int | None = None, seed: int = 0) -> Dataset:
     """Load a registered dataset by name."""
     if name not in SPECS:
         raise DataError(f"unknown dataset {name!r}; known datasets: "
