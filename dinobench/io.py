@@ -16,6 +16,12 @@ from pathlib import Path
 from .errors import UserError
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     try:
@@ -25,6 +31,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise UserError(f"cannot write {path}: {e.strerror}; choose a writable folder "
                         "with --out") from None
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual mode
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -56,6 +56,8 @@ class DropPath(nn.Module):
         if self.p == 0.0 or not self.training:
             return x
         keep = 1.0 - self.p
+        if keep == 0.0:
+            return torch.zeros_like(x)
         mask = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(keep)
         return x * mask / keep
 

@@ -23,5 +23,8 @@ def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None
         missing = sorted(set(t_params) ^ set(s_params))[:5]
         raise ValueError(f"teacher and student parameters differ: {missing}")
     names = list(t_params)
+    bad = [n for n in names if t_params[n].shape != s_params[n].shape]
+    if bad:  # _foreach_lerp_ would broadcast some mismatches silently
+        raise ValueError(f"teacher and student parameter shapes differ: {bad[:5]}")
     torch._foreach_lerp_([t_params[n].data for n in names],
                          [s_params[n].data for n in names], 1.0 - momentum)

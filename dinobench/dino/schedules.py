@@ -28,7 +28,7 @@ def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps: i
 def teacher_temp_schedule(warmup_temp: float, temp: float, warmup_epochs: int,
                           epochs: int) -> np.ndarray:
     """Per-epoch teacher temperature: linear from ``warmup_temp`` to ``temp`` over
-    ``warmup_epochs`` epochs, then constant (as in the DINO reference code)."""
-    warmup_epochs = min(warmup_epochs, epochs)
-    return np.concatenate([np.linspace(warmup_temp, temp, warmup_epochs),
-                           np.full(epochs - warmup_epochs, temp)])
+    ``warmup_epochs`` epochs, then constant (as in the DINO reference code). A run shorter
+    than the warm-up stops part-way up the same ramp."""
+    ramp = np.linspace(warmup_temp, temp, warmup_epochs)
+    return np.concatenate([ramp, np.full(max(epochs - warmup_epochs, 0), temp)])[:epochs]

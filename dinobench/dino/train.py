@@ -1,9 +1,14 @@
 """The DINO training loop: student and EMA teacher, centering, sharpening, schedules.
 
-One code path for CPU and GPU. Per step, everything stays on the device: batch indexing,
-multi-crop, forward/backward, optimizer, EMA, centering and the running sums that feed
-the log. The host reads those sums once per epoch (one synchronisation), so the GPU never
-waits on Python inside an epoch.
+One code path for CPU and GPU, one process or many (``torchrun``). Per step, everything
+stays on the device: batch indexing, multi-crop, forward/backward, optimizer, EMA,
+centering, the running sums that feed the log and the non-finite-loss watch. The host
+reads them once per epoch (one synchronisation), so the GPU never waits on Python inside
+an epoch.
+
+The trainer's whole state (weights, optimizer, center, position in the epoch, every
+random generator) is one ``state_dict``: a run saved at any step and resumed continues
+exactly as if it had not stopped.
 """
 
 from __future__ import annotations
@@ -22,10 +27,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import Recipe
+from ..distributed import SINGLE, DistInfo, all_reduce_sum_
 from ..errors import ConfigError
+from ..io import atomic_write_text
 from ..vit import ViT, ViTConfig
 from .center import update_center
 from .ema import ema_update_
+from .faults import NonFiniteLoss, collapse_reason
 from .heads import DINOModel, build_head
 from .loss import dino_loss, entropy, teacher_probs
 from .multicrop import MultiCrop, MultiCropConfig
@@ -73,6 +81,10 @@ def clip_per_tensor_(params: list[nn.Parameter], max_norm: float) -> None:
     torch._foreach_mul_(grads, scale)
 
 
+class Interrupted(Exception):
+    """Training stopped on request (SIGINT/SIGTERM) after saving a checkpoint."""
+
+
 @dataclass
 class TrainResult:
     student: DINOModel
@@ -80,24 +92,44 @@ class TrainResult:
     center: torch.Tensor
     history: list[dict] = field(default_factory=list)  # one record per epoch
     seconds: float = 0.0
+    collapsed: str | None = None  # why the run looks collapsed, or None
+
+
+_SUMS = ("loss", "teacher_entropy")
 
 
 class DINOTrainer:
-    """Trains DINO on a ``uint8`` image tensor. ``fit`` returns the student and teacher."""
+    """Trains DINO on a ``uint8`` image tensor; ``fit`` returns the student and teacher.
+
+    With a process group (``dist.world_size > 1``) each rank takes its slice of every
+    global batch of ``recipe.batch_size`` images, gradients are averaged by DDP and the
+    center by all-reduce, so every rank holds the same student, teacher and center.
+    """
 
     def __init__(self, recipe: Recipe, vit_cfg: ViTConfig, crop_cfg: MultiCropConfig, *,
                  device: torch.device | str = "cpu", seed: int = 0, compile: bool = False,
-                 log_path: str | Path | None = None, progress: bool = True,
-                 log: Callable[[str], None] = print,
-                 on_epoch_end: Callable[[int, DINOModel], dict | None] | None = None):
+                 progress: bool = True, log: Callable[[str], None] = print,
+                 log_path: str | Path | None = None,
+                 on_epoch_end: Callable[[int, DINOModel], dict | None] | None = None,
+                 dist: DistInfo = SINGLE):
         self.recipe = recipe.validate()
         self.vit_cfg = vit_cfg
+        self.crop_cfg = crop_cfg
         self.device = torch.device(device)
         self.seed = seed
-        self.log_path = Path(log_path) if log_path else None
-        self.progress = progress
+        self.progress = progress and dist.is_main
         self.log = log
+        self.log_path = Path(log_path) if log_path and dist.is_main else None
         self.on_epoch_end = on_epoch_end
+        self.dist = dist
+        if recipe.batch_size % dist.world_size:
+            raise ConfigError(f"--batch-size {recipe.batch_size} must be a multiple of the "
+                              f"{dist.world_size} processes")
+        self.local_batch = recipe.batch_size // dist.world_size
+        if self.local_batch < 2:
+            raise ConfigError(f"a batch of {self.local_batch} image(s) per process is too "
+                              "small for centering (it needs a mean over several images); "
+                              "use --batch-size 2 or more per process")
         torch.manual_seed(seed)
         self.student, self.teacher = build_student_teacher(recipe, vit_cfg)
         self.student.to(self.device)
@@ -108,11 +140,28 @@ class DINOTrainer:
         self.optimizer = torch.optim.AdamW(param_groups(self.student), lr=0.0,
                                            **({"fused": True} if cuda else {}))
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cuda)
-        self.student_fwd = self.student
-        self.teacher_fwd = self.teacher
+        student_fwd = self.student
+        if dist.enabled:
+            student_fwd = nn.parallel.DistributedDataParallel(
+                self.student, device_ids=[self.device.index] if cuda else None)
+        self.student_fwd, self.teacher_fwd = student_fwd, self.teacher
         if compile:
-            self.student_fwd = torch.compile(self.student, dynamic=False)
+            self.student_fwd = torch.compile(student_fwd, dynamic=False)
             self.teacher_fwd = torch.compile(self.teacher, dynamic=False)
+        # Random streams: augmentation differs per rank; the batch order is shared.
+        self.aug_gen = torch.Generator(self.device).manual_seed(seed * 7919 + 1 + dist.rank)
+        self.order_gen = torch.Generator().manual_seed(seed * 7919 + 2)
+        # Position: epochs done, optimizer steps done, steps done in the current epoch.
+        self.epoch, self.step_count, self.pos = 0, 0, 0
+        self.order: torch.Tensor | None = None  # this epoch's permutation of the images
+        self.sums = self._zero_sums()
+        self.step_t = torch.zeros((), dtype=torch.long, device=self.device)
+        self.first_bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
+        self.history: list[dict] = []
+
+    # --- schedules -------------------------------------------------------------------
+    def steps_per_epoch(self, n_images: int) -> int:
+        return n_images // self.recipe.batch_size  # the last partial batch is dropped
 
     def schedules(self, steps_per_epoch: int) -> dict:
         r = self.recipe
@@ -127,6 +176,7 @@ class DINOTrainer:
                                                   r.warmup_teacher_temp_epochs, r.epochs),
         }
 
+    # --- one step --------------------------------------------------------------------
     def step(self, batch: torch.Tensor, gen: torch.Generator, lr: float, wd: float,
              momentum: float, teacher_temp: float, freeze_last_layer: bool) -> dict:
         """One DINO step on a ``uint8`` batch. Returns device tensors (no sync)."""
@@ -155,78 +205,150 @@ class DINOTrainer:
         self.center = update_center(self.center, teacher_out, r.center_momentum)
         return {"loss": loss.detach(), "teacher_entropy": h_teacher}
 
-    def fit(self, images: torch.Tensor) -> TrainResult:
+    # --- the loop --------------------------------------------------------------------
+    def fit(self, images: torch.Tensor, *,
+            checkpoint: Callable[[DINOTrainer], None] | None = None,
+            checkpoint_every: int = 0,
+            should_stop: Callable[[], bool] | None = None) -> TrainResult:
+        """Train until ``recipe.epochs`` (continuing from a loaded state, if any).
+
+        ``checkpoint(self)`` is called every ``checkpoint_every`` epochs, and when
+        ``should_stop()`` turns true at a step boundary (then :class:`Interrupted` is
+        raised). A non-finite loss raises :class:`NonFiniteLoss` at the end of its epoch,
+        before any checkpoint could save the broken weights.
+        """
         r = self.recipe
         n = images.shape[0]
         if n < r.batch_size:
             raise ConfigError(f"--batch-size {r.batch_size} exceeds the {n} training images; "
                               "lower --batch-size")
         images = images.to(self.device)
-        steps_per_epoch = n // r.batch_size  # drop the last partial batch
-        sched = self.schedules(steps_per_epoch)
-        aug_gen = torch.Generator(self.device).manual_seed(self.seed + 1)
-        order_gen = torch.Generator().manual_seed(self.seed + 2)
-        result = TrainResult(self.student, self.teacher, self.center)
-        if self.log_path:
-            self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            self.log_path.write_text("")
+        steps = self.steps_per_epoch(n)
+        sched = self.schedules(steps)
+        lo = self.dist.rank * self.local_batch  # this rank's slice of each global batch
+        if self.log_path:  # a resumed run's log restarts from its checkpoint
+            atomic_write_text(self.log_path, "".join(json.dumps(h) + "\n"
+                                                     for h in self.history))
         t_start = time.perf_counter()
-        step = 0
-        for epoch in range(r.epochs):
+        while self.epoch < r.epochs:
+            epoch = self.epoch
             self.student.train()
-            t_epoch = time.perf_counter()
-            order = torch.randperm(n, generator=order_gen).to(self.device)
-            sums = {"loss": torch.zeros((), device=self.device),
-                    "teacher_entropy": torch.zeros((), device=self.device)}
-            bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{r.epochs}",
+            if self.order is None:  # a new epoch (a resumed one keeps its order)
+                self.order = torch.randperm(n, generator=self.order_gen)
+                self.pos, self.sums = 0, self._zero_sums()
+            order = self.order.to(self.device)
+            t_epoch, first = time.perf_counter(), self.pos
+            bar = tqdm(range(self.pos, steps), desc=f"epoch {epoch + 1}/{r.epochs}",
                        leave=False, disable=not self.progress or None, dynamic_ncols=True)
             for i in bar:
-                batch = images[order[i * r.batch_size:(i + 1) * r.batch_size]]
-                out = self.step(batch, aug_gen, float(sched["lr"][step]),
-                                float(sched["wd"][step]), float(sched["momentum"][step]),
+                if should_stop is not None and should_stop():
+                    self._check_finite()
+                    if checkpoint is not None:
+                        checkpoint(self)
+                    raise Interrupted(f"stopped at epoch {epoch + 1}, step {self.step_count}")
+                start = i * r.batch_size + lo
+                batch = images[order[start:start + self.local_batch]]
+                s = self.step_count
+                out = self.step(batch, self.aug_gen, float(sched["lr"][s]),
+                                float(sched["wd"][s]), float(sched["momentum"][s]),
                                 float(sched["teacher_temp"][epoch]),
                                 epoch < r.freeze_last_layer_epochs)
-                for k in sums:
-                    sums[k] += out[k]
-                step += 1
+                for k in _SUMS:
+                    self.sums[k] += out[k]
+                bad = ~torch.isfinite(out["loss"]) & (self.first_bad_step < 0)
+                self.first_bad_step = torch.where(bad, self.step_t, self.first_bad_step)
+                self.step_t += 1
+                self.step_count += 1
+                self.pos = i + 1
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
-            seconds = time.perf_counter() - t_epoch
-            record = self._epoch_record(epoch, step, sums, steps_per_epoch, sched, seconds)
+            self._check_finite()
+            record = self._epoch_record(steps, steps - first, sched,
+                                        time.perf_counter() - t_epoch)
             if self.on_epoch_end is not None:
                 record.update(self.on_epoch_end(epoch, self.teacher) or {})
-            result.history.append(record)
-            self._write_log(record)
-        result.center = self.center
-        result.seconds = time.perf_counter() - t_start
-        return result
+            self.history.append(record)
+            self.epoch, self.order = epoch + 1, None
+            self._log_epoch(record)
+            last = self.epoch == r.epochs
+            if checkpoint is not None and (last or (
+                    checkpoint_every and self.epoch % checkpoint_every == 0)):
+                checkpoint(self)
+        return TrainResult(self.student, self.teacher, self.center, self.history,
+                           time.perf_counter() - t_start, collapse_reason(self.history))
 
-    def _epoch_record(self, epoch, step, sums, steps, sched, seconds) -> dict:
-        loss = sums["loss"].item() / steps
-        h = sums["teacher_entropy"].item() / steps
+    def _zero_sums(self) -> dict[str, torch.Tensor]:
+        return {k: torch.zeros((), device=self.device) for k in _SUMS}
+
+    def _check_finite(self) -> None:
+        bad = int(self.first_bad_step)
+        if bad >= 0:
+            raise NonFiniteLoss(bad, self.recipe)
+
+    def _epoch_record(self, steps: int, timed_steps: int, sched: dict,
+                      seconds: float) -> dict:
+        sums = torch.stack([self.sums[k] for k in _SUMS])
+        all_reduce_sum_(sums)  # every rank logs the mean over all ranks
+        loss, h = (sums / (steps * self.dist.world_size)).tolist()
+        s = self.step_count - 1
         return {
-            "epoch": epoch + 1,
-            "step": step,
+            "epoch": self.epoch + 1,
+            "step": self.step_count,
             "loss": loss,
             # Mean over pairs of KL(teacher || student) = cross-entropy - teacher entropy,
             # because every teacher view enters the same number of pairs.
             "kl": loss - h,
             "teacher_entropy": h,
             "log_k": math.log(self.recipe.out_dim),
-            "lr": float(sched["lr"][step - 1]),
-            "weight_decay": float(sched["wd"][step - 1]),
-            "teacher_momentum": float(sched["momentum"][step - 1]),
-            "teacher_temp": float(sched["teacher_temp"][epoch]),
-            "images_per_s": steps * self.recipe.batch_size / seconds,
+            "lr": float(sched["lr"][s]),
+            "weight_decay": float(sched["wd"][s]),
+            "teacher_momentum": float(sched["momentum"][s]),
+            "teacher_temp": float(sched["teacher_temp"][self.epoch]),
+            "images_per_s": timed_steps * self.recipe.batch_size / max(seconds, 1e-9),
             "seconds": seconds,
         }
 
-    def _write_log(self, rec: dict) -> None:
+    def _log_epoch(self, rec: dict) -> None:
+        if not self.dist.is_main:
+            return
+        if self.log_path:
+            with self.log_path.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
         self.log(f"epoch {rec['epoch']:>4}/{self.recipe.epochs}  loss {rec['loss']:.4f}  "
                  f"H(teacher) {rec['teacher_entropy']:.3f}/{rec['log_k']:.3f}  "
                  f"KL {rec['kl']:.4f}  lr {rec['lr']:.2e}  "
                  f"{rec['images_per_s']:,.0f} img/s"
                  + (f"  knn {rec['knn_top1']:.2f}%" if "knn_top1" in rec else ""))
-        if self.log_path:
-            with self.log_path.open("a") as f:
-                f.write(json.dumps(rec) + "\n")
+
+    # --- state -----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        rng = {"torch": torch.get_rng_state(), "aug": self.aug_gen.get_state(),
+               "order": self.order_gen.get_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "center": self.center.cpu(),
+            "epoch": self.epoch, "step": self.step_count, "pos": self.pos,
+            "order": self.order, "sums": {k: v.cpu() for k, v in self.sums.items()},
+            "first_bad_step": int(self.first_bad_step), "history": self.history,
+            "rng": rng,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.student.load_state_dict(state["student"])
+        self.teacher.load_state_dict(state["teacher"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.center = state["center"].to(self.device)
+        self.epoch, self.step_count, self.pos = state["epoch"], state["step"], state["pos"]
+        self.order = state["order"]
+        self.sums = {k: v.to(self.device) for k, v in state["sums"].items()}
+        self.step_t.fill_(self.step_count)
+        self.first_bad_step.fill_(state["first_bad_step"])
+        self.history = list(state["history"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        self.aug_gen.set_state(rng["aug"])
+        self.order_gen.set_state(rng["order"])
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)

@@ -1,0 +1,94 @@
+"""Multi-process training through ``torchrun``, and nothing when run as one process.
+
+``torchrun --nproc_per_node=N -m dinobench run ...`` sets RANK, WORLD_SIZE and LOCAL_RANK;
+:func:`init` then joins the process group (NCCL on CUDA, gloo on CPU). A plain
+``python -m dinobench run`` never creates a process group, and every helper here is a
+no-op for it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+SINGLE = DistInfo()
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init(device: str | None) -> tuple[DistInfo, str | None]:
+    """Join the process group when launched by torchrun; return the rank's info and the
+    device it should use (``cuda:<local_rank>`` on GPUs)."""
+    if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
+        return SINGLE, device
+    info = DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
+                    int(os.environ.get("LOCAL_RANK", 0)))
+    use_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    if use_cuda:
+        torch.cuda.set_device(info.local_rank)
+        device = f"cuda:{info.local_rank}"
+    else:
+        device = "cpu"
+    return info, device
+
+
+def current() -> DistInfo:
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(),
+                        int(os.environ.get("LOCAL_RANK", 0)))
+    return SINGLE
+
+
+def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate along dim 0 the tensors of every rank, in rank order. Ranks may hold
+    different numbers of rows."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return t
+    world = dist.get_world_size()
+    n = torch.tensor([t.shape[0]], device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    sizes = [int(s) for s in sizes]
+    pad = t.new_zeros((max(sizes) - t.shape[0],) + tuple(t.shape[1:]))
+    parts = [t.new_empty((max(sizes),) + tuple(t.shape[1:])) for _ in range(world)]
+    dist.all_gather(parts, torch.cat([t, pad]))
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)])
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,185 @@
+"""The compact ViT: SDPA vs explicit attention, attention maps, positional-embedding
+interpolation, the seed's parameter counts, config errors and stochastic depth."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dinobench.dino.heads import SeedHead
+from dinobench.errors import ConfigError
+from dinobench.vit import DropPath, ViT, ViTConfig, count_parameters
+
+
+def small_vit(**kw) -> ViT:
+    cfg = dict(image_size=16, grid=4, in_chans=3, dim=32, depth=2, heads=4, mlp_dim=48)
+    cfg.update(kw)
+    return ViT(ViTConfig(**cfg)).eval()
+
+
+def test_sdpa_path_equals_explicit_path():
+    """The fused path used for training computes what the explicit path computes, for a
+    global crop and for a smaller (interpolated) crop."""
+    vit = small_vit()
+    with torch.no_grad():
+        for size in (16, 8):
+            x = torch.randn(3, 3, size, size)
+            torch.testing.assert_close(vit(x), vit.forward_all_explicit(x), rtol=1e-4,
+                                       atol=1e-5)
+            feat, _ = vit.forward_with_attention(x)
+            torch.testing.assert_close(feat, vit(x), rtol=1e-4, atol=1e-5)
+
+
+def test_attention_weights_match_float64_softmax():
+    """The last block's weights equal softmax(q k^T / sqrt(d)) per head, computed here in
+    float64 from the block's own qkv projection; rows sum to 1."""
+    vit = small_vit()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        _, attn = vit.forward_with_attention(x)
+        tokens = vit.tokens(x)
+        for block in vit.blocks[:-1]:
+            tokens, _ = block(tokens)
+        last = vit.blocks[-1]
+        qkv = last.attn.qkv(last.norm1(tokens)).double()  # (B, N, 3D)
+    B, N, _ = qkv.shape
+    D, H = vit.cfg.dim, vit.cfg.heads
+    d = D // H
+    assert attn.shape == (B, H, N, N) and attn.dtype == torch.float32
+    torch.testing.assert_close(attn.sum(-1), torch.ones(B, H, N), rtol=0, atol=1e-5)
+    for h in range(H):
+        q = qkv[0, :, h * d:(h + 1) * d]
+        k = qkv[0, :, D + h * d:D + (h + 1) * d]
+        want = torch.softmax(q @ k.T / math.sqrt(d), dim=-1)
+        torch.testing.assert_close(attn[0, h].double(), want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("hw", [(16, 16), (16, 8)])
+def test_cls_attention_maps(hw):
+    """cls_attention: (B, heads, gh, gw), each map sums to 1, and cell (r, c) is the CLS
+    weight on patch r * gw + c renormalised without the CLS-to-CLS weight."""
+    vit = small_vit()
+    x = torch.randn(2, 3, *hw)
+    gh, gw = hw[0] // 4, hw[1] // 4
+    with torch.no_grad():
+        maps = vit.cls_attention(x)
+        _, attn = vit.forward_with_attention(x)
+    assert maps.shape == (2, vit.cfg.heads, gh, gw)
+    torch.testing.assert_close(maps.sum(dim=(-2, -1)), torch.ones(2, vit.cfg.heads),
+                               rtol=0, atol=1e-5)
+    assert torch.all(maps >= 0)
+    for h in range(vit.cfg.heads):
+        row = attn[1, h, 0].double()
+        patch_mass = row[1:].sum()
+        for r in range(gh):
+            for c in range(gw):
+                want = row[1 + r * gw + c] / patch_mass
+                assert float(maps[1, h, r, c]) == pytest.approx(float(want), abs=1e-6)
+
+
+def test_smaller_crop_runs_with_interpolated_positions():
+    """A 16x16 crop on the 32-px, grid-8 model keeps the 4-px patch: a 4x4 grid, 17 tokens."""
+    vit = ViT(ViTConfig(image_size=32, grid=8, in_chans=3, dim=32, depth=1, heads=2,
+                        mlp_dim=32)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    assert vit.tokens(x).shape == (2, 1 + 16, 32)
+    assert vit(x).shape == (2, 32)
+    assert vit.cls_attention(x).shape == (2, 2, 4, 4)
+    assert vit.pos_embed_for(8, 8) is vit.pos_embed
+    pe = vit.pos_embed_for(4, 4)
+    assert pe.shape == (1, 17, 32)
+    assert torch.equal(pe[:, 0], vit.pos_embed[:, 0])  # CLS position is not resampled
+
+
+def test_pos_embed_interpolation_keeps_rows_and_columns():
+    """With positions that depend on the row only (value = row index, constant over
+    columns), the resampled grid is constant along each row and rises down the rows,
+    also for a non-square grid: the (h, w) axes are not swapped. A constant grid
+    stays constant (bicubic weights sum to 1)."""
+    vit = small_vit(dim=8, heads=2)
+    g = vit.cfg.grid
+    with torch.no_grad():
+        rows = torch.arange(g, dtype=torch.float32).view(g, 1).expand(g, g)
+        vit.pos_embed[0, 1:] = rows.reshape(g * g, 1).expand(g * g, 8)
+        pe = vit.pos_embed_for(2, 6)[0, 1:, 0].reshape(2, 6)
+        assert torch.allclose(pe, pe[:, :1].expand(2, 6), atol=1e-6)
+        assert pe[1, 0] > pe[0, 0]
+        vit.pos_embed[0, 1:] = 0.37
+        torch.testing.assert_close(vit.pos_embed_for(3, 5)[0, 1:],
+                                   torch.full((15, 8), 0.37), rtol=0, atol=1e-6)
+
+
+def test_crop_not_a_multiple_of_the_patch_rejected():
+    """A crop that patches do not tile is an error, not a silently cropped border."""
+    vit = small_vit()
+    with pytest.raises(ValueError, match="patch"):
+        vit(torch.randn(1, 3, 10, 10))
+
+
+def expected_parameters(image_size, grid, in_chans, D=192, depth=12, M=768, K=10):
+    """Count by formula: patch conv, CLS, positions, blocks, final norm, seed head."""
+    p = image_size // grid
+    patch = in_chans * p * p * D + D
+    tokens = D + (1 + grid * grid) * D
+    block = (2 * D) * 2 + (D * 3 * D + 3 * D) + (D * D + D) + (D * M + M) + (M * D + D)
+    return patch + tokens + depth * block + 2 * D + (D * K + K)
+
+
+@pytest.mark.parametrize("image_size,seed_count", [(32, 5.37e6), (96, 5.43e6)])
+def test_parameter_counts_match_the_seed(image_size, seed_count):
+    """CIFAR-10 (32 px, 4-px patches) and STL-10 (96 px, 12-px patches) with grid 8 and
+    the seed head give the seed's 5.37M / 5.43M within 2%, and the exact formula count."""
+    cfg = ViTConfig(image_size=image_size, grid=8, in_chans=3)
+    n = count_parameters(ViT(cfg)) + count_parameters(SeedHead(192, 10))
+    assert n == expected_parameters(image_size, 8, 3)
+    assert abs(n - seed_count) / seed_count < 0.02
+
+
+@pytest.mark.parametrize("kw,flag", [
+    (dict(image_size=32, grid=5), "--grid"),
+    (dict(image_size=96, grid=7), "--grid"),
+    (dict(dim=30, heads=4), "--heads"),
+    (dict(image_size=0, grid=1), "image size"),
+])
+def test_bad_vit_config_raises_config_error(kw, flag):
+    """Inconsistent shapes are a ConfigError whose message names the flag to change."""
+    with pytest.raises(ConfigError, match=flag):
+        ViTConfig(**kw)
+
+
+def test_drop_path_random_in_train_identical_in_eval():
+    """Stochastic depth: two training-mode calls differ, eval-mode calls are identical."""
+    vit = small_vit(depth=3, drop_path=0.5)
+    x = torch.randn(8, 3, 16, 16)
+    with torch.no_grad():
+        vit.train()
+        outs = [vit(x) for _ in range(4)]
+        assert any(not torch.equal(outs[0], o) for o in outs[1:])
+        vit.eval()
+        assert torch.equal(vit(x), vit(x))
+    # The rate rises linearly from 0 in the first block to drop_path in the last.
+    assert [b.drop_path.p for b in vit.blocks] == pytest.approx([0.0, 0.25, 0.5])
+
+
+def test_drop_path_keeps_or_drops_whole_samples():
+    """Hand-derived: each sample's branch is either dropped (0) or kept and scaled by
+    1 / (1 - p), so the expectation is unchanged."""
+    torch.manual_seed(3)
+    x = torch.randn(64, 5, 4) + 2.0
+    out = DropPath(0.25).train()(x)
+    kept = [torch.allclose(out[b], x[b] / 0.75) for b in range(64)]
+    dropped = [torch.equal(out[b], torch.zeros_like(x[b])) for b in range(64)]
+    assert all(k or d for k, d in zip(kept, dropped))
+    assert 0 < sum(dropped) < 64
+    assert torch.equal(DropPath(0.25).eval()(x), x)
+
+
+def test_drop_path_one_drops_the_branch_without_nan():
+    """drop_path = 1 passes Recipe.validate ([0, 1]); the last block's branches are then
+    always dropped, which must give zeros, not 0/0 = NaN."""
+    out = DropPath(1.0).train()(torch.ones(4, 3))
+    assert torch.equal(out, torch.zeros(4, 3))
+    vit = small_vit(drop_path=1.0).train()
+    assert torch.isfinite(vit(torch.randn(2, 3, 16, 16))).all()
