@@ -46,9 +46,11 @@ def _add_recipe_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="dinobench", description="DINO self-supervised training on small "
-                     "images, measured: k-NN accuracy, attention maps, chance references.")
+    parser = _Parser(prog="dinobench", allow_abbrev=False,
+                     description="DINO self-supervised training on small images, measured: "
+                     "k-NN accuracy, attention maps, chance references.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub._parser_class = lambda **kw: _Parser(allow_abbrev=False, **kw)  # no prefix matching
 
     run = sub.add_parser("run", help="train DINO on datasets, evaluate, write results",
                          description="Pre-train DINO on each dataset, evaluate the teacher "
@@ -75,6 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--compile", action="store_true",
                      help="torch.compile the student and teacher (static shapes)")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    rel = run.add_argument_group("checkpoints and resume")
+    rel.add_argument("--resume", action="store_true",
+                     help="continue the run folder's interrupted run where it stopped "
+                     "(same flags and data required)")
+    rel.add_argument("--restart", action="store_true",
+                     help="discard an interrupted run in the run folder and start over")
+    rel.add_argument("--checkpoint-every", type=int, default=10, metavar="N",
+                     help="save a checkpoint every N epochs (also at the end and on "
+                     "SIGINT/SIGTERM; 0: only then) (default: 10)")
+    rel.add_argument("--deterministic", action="store_true",
+                     help="deterministic kernels, so a rerun or a resumed run is "
+                     "bit-identical on the same machine (slower on GPU)")
     run.add_argument("--knn-k", type=int, default=20, help="k-NN neighbours (default: 20)")
     run.add_argument("--knn-temperature", type=float, default=0.07,
                      help="k-NN vote temperature (default: 0.07)")
@@ -115,7 +129,9 @@ def _run(args: argparse.Namespace) -> None:
                    knn_temperature=args.knn_temperature, progress=not args.no_progress,
                    data_dir=args.data_dir, download=args.download,
                    train_subset=args.train_subset, labels_per_class=args.labels_per_class,
-                   pretrain_subset=args.pretrain_subset))
+                   pretrain_subset=args.pretrain_subset, resume=args.resume,
+                   restart=args.restart, checkpoint_every=args.checkpoint_every,
+                   deterministic=args.deterministic))
 
 
 def _report(args: argparse.Namespace) -> None:
@@ -125,12 +141,21 @@ def _report(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .dino.faults import TrainingError
+    from .run import RunInterrupted
+
     args = build_parser().parse_args(argv)
     try:
         {"run": _run, "report": _report}[args.command](args)
+    except RunInterrupted as e:
+        print(f"dinobench {args.command}: {e}", file=sys.stderr)
+        return 128 + e.signum
     except UserError as e:
         print(f"dinobench {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except TrainingError as e:
+        print(f"dinobench {args.command}: training failed: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("dinobench: interrupted", file=sys.stderr)
         return 130

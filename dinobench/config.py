@@ -94,6 +94,9 @@ class Recipe:
                   "head_hidden_dim", "head_bottleneck_dim"):
             v = getattr(self, f)
             need(v >= 1, f"--{_flag(f)} must be at least 1, got {v}")
+        need(self.batch_size >= 2, f"--batch-size {self.batch_size} is too small for "
+             "centering, which averages the teacher output over a batch; use 2 or more")
+        need(self.drop_path < 1.0, f"--drop-path must lie in [0, 1), got {self.drop_path}")
         need(self.dim % self.heads == 0,
              f"--dim ({self.dim}) must be a multiple of --heads ({self.heads})")
         need(self.head in ("seed", "official"),

@@ -245,11 +245,16 @@ def check_options(opts: RunOptions) -> None:
     if opts.checkpoint_every < 0:
         raise ConfigError(f"--checkpoint-every must not be negative, got "
                           f"{opts.checkpoint_every}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
     for name in opts.datasets:
         if name not in SPECS:
             raise DataError(f"unknown dataset {name!r}; known datasets: "
                             f"{', '.join(known_datasets())}")
-        vit_config(resolve_recipe(opts, name, SPECS[name].epochs), SPECS[name])
+        recipe = resolve_recipe(opts, name, SPECS[name].epochs)
+        vit_config(recipe, SPECS[name])
+        if recipe.batch_size % world or recipe.batch_size // world < 2:
+            raise ConfigError(f"--batch-size {recipe.batch_size} must be a multiple of the "
+                              f"{world} processes, with at least 2 images per process")
 
 
 def default_out(opts: RunOptions) -> Path:
@@ -258,6 +263,7 @@ def default_out(opts: RunOptions) -> Path:
 
 
 def _prepare_folder(folder: RunFolder, opts: RunOptions) -> None:
+    folder.remove_stale_temporaries()
     unfinished = folder.unfinished()
     if opts.restart or not opts.resume:
         if unfinished and not opts.restart:

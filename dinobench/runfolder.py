@@ -97,6 +97,11 @@ class RunFolder:
             raise UserError(f"{path} is unreadable ({e}); delete it to redo that "
                             "dataset and seed") from None
 
+    def remove_stale_temporaries(self) -> None:
+        """Temporary files left by a run killed mid-write (the lock says none is live)."""
+        for tmp in self.path.glob("**/.*.tmp"):
+            tmp.unlink(missing_ok=True)
+
     def clear(self) -> None:
         """Forget a previous run's progress (checkpoints and logs), keep the lock."""
         shutil.rmtree(self.path / "checkpoints", ignore_errors=True)

@@ -1,0 +1,52 @@
+"""Shared pieces for tests that run the CLI end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A ViT small enough that a digits epoch takes well under a second on one core.
+TINY = ["--depth", "1", "--dim", "32", "--heads", "2", "--mlp-dim", "64",
+        "--batch-size", "64", "--n-local", "2", "--no-progress"]
+
+
+def cli_env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def dinobench(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dinobench", *args], capture_output=True,
+                          text=True, env=cli_env(), cwd=REPO, timeout=timeout)
+
+
+def popen(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "dinobench", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=cli_env(), cwd=REPO)
+
+
+def rows(run_dir: Path, drop=("seconds",)) -> list[dict]:
+    data = json.loads((run_dir / "results.json").read_text())
+    return [{k: v for k, v in r.items() if k not in drop} for r in data["rows"]]
+
+
+def trainer_state(run_dir: Path, dataset: str = "digits", seed: int = 0) -> dict:
+    ckpt = torch.load(run_dir / "checkpoints" / f"{dataset}_seed{seed}.pt",
+                      weights_only=True)
+    return ckpt["trainer"]
+
+
+def one_line_error(stderr: str) -> str:
+    lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{stderr}"
+    assert "Traceback" not in stderr
+    return lines[0]

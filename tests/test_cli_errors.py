@@ -1,0 +1,114 @@
+"""Bad input from the command line: one line naming the problem and the fix, exit code 2,
+no traceback, and nothing half-written."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+import torch
+
+import dinobench.io as io_module
+from dinobench import checkpoint
+from dinobench.cli import main
+from dinobench.runfolder import RunFolder
+from helpers import TINY, dinobench, one_line_error
+
+BAD_FLAGS = [
+    (["--recipe", "sed"], "invalid choice: 'sed'"),
+    (["--studnet-temp", "0.1"], "unrecognized arguments: --studnet-temp"),
+    (["--student-temp", "-0.1"], "--student-temp must be positive"),
+    (["--teacher-temp", "0"], "--teacher-temp must be positive"),
+    (["--center-momentum", "1.5"], "--center-momentum must lie in [0, 1]"),
+    (["--teacher-momentum", "-0.2"], "--teacher-momentum must lie in [0, 1]"),
+    (["--grid", "5"], "--grid 5 does not divide --image-size 32"),
+    (["--batch-size", "1"], "too small for centering"),
+    (["--out-dim", "1"], "--out-dim (K) must be at least 2"),
+    (["--epochs", "abc"], "invalid int value: 'abc'"),
+    (["--resume", "--restart"], "contradict"),
+    (["--profile", "fast"], "invalid choice: 'fast'"),
+]
+
+
+def _exit_code(argv: list[str]) -> int:
+    """``main``'s exit code, whether it returns it or argparse exits."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+@pytest.mark.parametrize(("flags", "expected"), BAD_FLAGS,
+                         ids=[" ".join(f) for f, _ in BAD_FLAGS])
+def test_bad_flags_exit_2_with_one_line(flags, expected, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _exit_code(["run", *flags, "--out", str(out)]) == 2
+    assert expected in one_line_error(capsys.readouterr().err)
+    assert not out.exists()
+
+
+def test_bad_flag_from_a_real_process_has_no_traceback(tmp_path):
+    done = dinobench("run", "--center-momentum", "2", "--out", str(tmp_path / "x"))
+    assert done.returncode == 2
+    assert "--center-momentum" in one_line_error(done.stderr)
+    assert not (tmp_path / "x").exists()
+
+
+def _unfinished_run(tmp_path, payload: bytes):
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "digits_seed0.pt").write_bytes(payload)
+    return out
+
+
+def test_truncated_checkpoint(tmp_path, capsys):
+    good = tmp_path / "good.pt"
+    checkpoint.save(good, {"dataset": "digits"}, {"w": torch.zeros(1000)})
+    out = _unfinished_run(tmp_path, good.read_bytes()[:-300])
+    assert main(["run", *TINY, "--epochs", "1", "--resume", "--out", str(out)]) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert "not a readable checkpoint" in line and "truncated" in line
+    assert not (out / "results.json").exists()
+
+
+def test_foreign_checkpoint(tmp_path, capsys):
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"model": torch.zeros(3)}, foreign)
+    out = _unfinished_run(tmp_path, foreign.read_bytes())
+    assert main(["run", *TINY, "--epochs", "1", "--resume", "--out", str(out)]) == 2
+    assert "not a dinobench checkpoint" in one_line_error(capsys.readouterr().err)
+
+
+def test_unwritable_results_folder(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert main(["run", *TINY, "--epochs", "1", "--out", str(blocker / "run")]) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert "cannot write" in line and "--out" in line
+
+
+def test_full_disk_leaves_no_partial_file(tmp_path, monkeypatch, capsys):
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(io_module.os, "fsync", no_space)
+    assert main(["run", *TINY, "--epochs", "1", "--checkpoint-every", "0",
+                 "--out", str(out)]) == 2
+    assert "No space left on device" in one_line_error(capsys.readouterr().err)
+    assert not (out / "results.json").exists()
+    assert not list(out.glob("**/.*.tmp")), "a temporary file was left behind"
+    assert not list(out.glob("checkpoints/*.pt"))
+
+
+def test_second_run_into_the_same_folder_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    with RunFolder(out):  # a run in progress holds the lock
+        assert main(["run", *TINY, "--epochs", "1", "--out", str(out)]) == 2
+    assert "another dinobench run" in one_line_error(capsys.readouterr().err)
+    assert not (out / "results.json").exists()
+
+
+def test_report_on_a_folder_without_results(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "results.json" in one_line_error(capsys.readouterr().err)

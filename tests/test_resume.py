@@ -1,0 +1,102 @@
+"""Checkpoints and exact resume: a run killed part-way and resumed ends bit-identical
+(weights and result rows) to the same run left alone, on CPU in deterministic mode."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+import torch
+
+from helpers import TINY, dinobench, one_line_error, popen, rows, trainer_state
+
+pytestmark = pytest.mark.slow
+
+FLAGS = [*TINY, "--epochs", "5", "--checkpoint-every", "1", "--deterministic"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The run left alone."""
+    out = tmp_path_factory.mktemp("reference")
+    done = dinobench("run", *FLAGS, "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def _wait_for_epochs(log_path, n, proc, timeout=120):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if log_path.exists() and len(log_path.read_text().splitlines()) >= n:
+            return
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        time.sleep(0.02)
+    raise AssertionError("the run did not reach the epoch to interrupt")
+
+
+def _assert_same_run(a, b):
+    sa, sb = trainer_state(a), trainer_state(b)
+    for part in ("student", "teacher"):
+        assert sa[part].keys() == sb[part].keys()
+        for name in sa[part]:
+            assert torch.equal(sa[part][name], sb[part][name]), f"{part}.{name} differs"
+    assert torch.equal(sa["center"], sb["center"])
+    assert rows(a) == rows(b)
+
+
+def test_sigkill_then_resume_is_bit_identical(reference, tmp_path):
+    out = tmp_path / "killed"
+    proc = popen("run", *FLAGS, "--out", str(out))
+    _wait_for_epochs(out / "train_digits_seed0.jsonl", 2, proc)
+    proc.kill()
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "results.json").exists()
+
+    again = dinobench("run", *FLAGS, "--out", str(out))  # forgetting --resume is refused
+    assert again.returncode == 2
+    assert "--resume" in one_line_error(again.stderr)
+
+    resumed = dinobench("run", *FLAGS, "--out", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming at epoch" in resumed.stdout
+    _assert_same_run(reference, out)
+    assert not list(out.glob("**/.*.tmp"))
+
+
+def test_sigterm_checkpoints_mid_epoch_and_resumes_exactly(reference, tmp_path):
+    out = tmp_path / "terminated"
+    proc = popen("run", *FLAGS, "--out", str(out))
+    _wait_for_epochs(out / "train_digits_seed0.jsonl", 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "--resume" in stderr and "checkpoint saved" in stderr
+    state = trainer_state(out)
+    assert state["epoch"] < 5 and state["order"] is not None  # saved inside an epoch
+
+    resumed = dinobench("run", *FLAGS, "--out", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    _assert_same_run(reference, out)
+
+
+def test_resume_with_other_flags_is_refused(reference, tmp_path):
+    out = tmp_path / "changed"
+    proc = popen("run", *FLAGS, "--out", str(out))
+    _wait_for_epochs(out / "train_digits_seed0.jsonl", 1, proc)
+    proc.kill()
+    proc.wait()
+    changed = dinobench("run", *FLAGS, "--student-temp", "0.5", "--out", str(out),
+                        "--resume")
+    assert changed.returncode == 2
+    line = one_line_error(changed.stderr)
+    assert "cannot resume" in line and "student_temp" in line
+    restarted = dinobench("run", *FLAGS, "--out", str(out), "--restart")
+    assert restarted.returncode == 0, restarted.stderr
+
+
+def test_resume_of_a_finished_run_reuses_its_rows(reference, tmp_path):
+    again = dinobench("run", *FLAGS, "--out", str(reference), "--resume")
+    assert again.returncode == 0, again.stderr
+    assert "finished earlier" in again.stdout
