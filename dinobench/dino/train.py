@@ -27,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import Recipe
+from ..data.device import DeviceImages
 from ..distributed import SINGLE, DistInfo, all_reduce_sum_
 from ..errors import ConfigError
 from ..io import atomic_write_text
@@ -222,7 +223,7 @@ class DINOTrainer:
         if n < r.batch_size:
             raise ConfigError(f"--batch-size {r.batch_size} exceeds the {n} training images; "
                               "lower --batch-size")
-        images = images.to(self.device)
+        source = DeviceImages(images, self.device)  # resident on the GPU when it fits
         steps = self.steps_per_epoch(n)
         sched = self.schedules(steps)
         lo = self.dist.rank * self.local_batch  # this rank's slice of each global batch
@@ -236,18 +237,21 @@ class DINOTrainer:
             if self.order is None:  # a new epoch (a resumed one keeps its order)
                 self.order = torch.randperm(n, generator=self.order_gen)
                 self.pos, self.sums = 0, self._zero_sums()
-            order = self.order.to(self.device)
             t_epoch, first = time.perf_counter(), self.pos
-            bar = tqdm(range(self.pos, steps), desc=f"epoch {epoch + 1}/{r.epochs}",
-                       leave=False, disable=not self.progress or None, dynamic_ncols=True)
-            for i in bar:
+            # This rank's images for the epoch's remaining steps: its slice of each
+            # global batch, (steps, batch_size) -> (steps - pos) * local_batch.
+            mine = self.order[:steps * r.batch_size].view(steps, r.batch_size)
+            mine = mine[self.pos:, lo:lo + self.local_batch].reshape(-1)
+            batches = source.epoch_batches(mine, self.local_batch)
+            bar = tqdm(zip(range(self.pos, steps), batches), total=steps, initial=self.pos,
+                       desc=f"epoch {epoch + 1}/{r.epochs}", leave=False,
+                       disable=not self.progress or None, dynamic_ncols=True)
+            for i, batch in bar:
                 if should_stop is not None and should_stop():
                     self._check_finite()
                     if checkpoint is not None:
                         checkpoint(self)
                     raise Interrupted(f"stopped at epoch {epoch + 1}, step {self.step_count}")
-                start = i * r.batch_size + lo
-                batch = images[order[start:start + self.local_batch]]
                 s = self.step_count
                 out = self.step(batch, self.aug_gen, float(sched["lr"][s]),
                                 float(sched["wd"][s]), float(sched["momentum"][s]),
@@ -269,11 +273,11 @@ class DINOTrainer:
                 record.update(self.on_epoch_end(epoch, self.teacher) or {})
             self.history.append(record)
             self.epoch, self.order = epoch + 1, None
-            self._log_epoch(record)
             last = self.epoch == r.epochs
             if checkpoint is not None and (last or (
                     checkpoint_every and self.epoch % checkpoint_every == 0)):
                 checkpoint(self)
+            self._log_epoch(record)  # after the checkpoint: a logged epoch is a saved one
         return TrainResult(self.student, self.teacher, self.center, self.history,
                            time.perf_counter() - t_start, collapse_reason(self.history))
 
