@@ -1,8 +1,8 @@
 """dinobench: DINO self-supervised training on small images, measured.
 
 Public API: the DINO math (``dino_loss``, ``update_center``, ``ema_update_``,
-``cosine_schedule``), evaluation (``knn_classify``), the ViT, the recipes, and ``run``
-(the same job as ``python -m dinobench run``).
+``cosine_schedule``), evaluation (``knn_classify``, ``attention_mask``, ``jaccard``), the
+ViT, the recipes, and ``run`` (the same job as ``python -m dinobench run``).
 """
 
 __version__ = "0.1.0"
@@ -18,12 +18,14 @@ from .dino import (  # noqa: E402
     update_center,
 )
 from .errors import ConfigError, DataError, UserError  # noqa: E402
+from .eval.attention import attention_mask, jaccard  # noqa: E402
 from .eval.knn import knn_classify  # noqa: E402
 from .run import RunOptions, run  # noqa: E402
 from .vit import ViT, ViTConfig  # noqa: E402
 
 __all__ = [
     "ConfigError", "DINOHead", "DINOModel", "DataError", "OFFICIAL", "RECIPES", "Recipe",
-    "RunOptions", "SEED", "SeedHead", "UserError", "ViT", "ViTConfig", "cosine_schedule",
-    "dino_loss", "ema_update_", "get_recipe", "knn_classify", "run", "update_center",
+    "RunOptions", "SEED", "SeedHead", "UserError", "ViT", "ViTConfig", "attention_mask",
+    "cosine_schedule", "dino_loss", "ema_update_", "get_recipe", "jaccard", "knn_classify",
+    "run", "update_center",
 ]

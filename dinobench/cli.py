@@ -89,9 +89,31 @@ def build_parser() -> argparse.ArgumentParser:
     rel.add_argument("--deterministic", action="store_true",
                      help="deterministic kernels, so a rerun or a resumed run is "
                      "bit-identical on the same machine (slower on GPU)")
-    run.add_argument("--knn-k", type=int, default=20, help="k-NN neighbours (default: 20)")
-    run.add_argument("--knn-temperature", type=float, default=0.07,
-                     help="k-NN vote temperature (default: 0.07)")
+    ev = run.add_argument_group("evaluation")
+    ev.add_argument("--knn-k", type=int, default=20, help="k-NN neighbours (default: 20; "
+                    "k 200, T 0.1 is always reported too)")
+    ev.add_argument("--knn-temperature", type=float, default=0.07,
+                    help="k-NN vote temperature (default: 0.07)")
+    ev.add_argument("--probe", action=argparse.BooleanOptionalAction, default=True,
+                    help="fit a linear probe on the frozen teacher features (default: on)")
+    ev.add_argument("--n-last-blocks", type=int, default=1, metavar="N",
+                    help="probe features: CLS tokens of the last N blocks (DINO uses 4; "
+                    "default: 1)")
+    ev.add_argument("--eval-every", type=int, default=None, metavar="N",
+                    help="k-NN of the teacher every N epochs, for the learning curve; 0: "
+                    "off (default: 2 in the quick profile, epochs/20 otherwise)")
+    ev.add_argument("--label-budgets", type=float, nargs="*", default=None, metavar="F",
+                    help="labels versus no labels: fractions of the labelled split for the "
+                    "linear probe and for a ViT trained from scratch with labels; give no "
+                    "value to turn off (default: 0.01 0.1 1.0; off in the quick profile)")
+    ev.add_argument("--supervised-epochs", type=int, default=None, metavar="N",
+                    help="epochs of the supervised baseline, each drawing as many images "
+                    "as a DINO epoch (default: the DINO epochs)")
+    ev.add_argument("--composites", action="store_true",
+                    help="also run the background x resolution benchmark: MNIST digits on "
+                    "none/cifar10/natural backgrounds at 32/64/96 px (datasets "
+                    "mnist-<background>-<size>; needs mnist.npz, and cifar10.npz for "
+                    "CIFAR-10 backgrounds, in --data-dir)")
     data = run.add_argument_group("data")
     data.add_argument("--data-dir", default=None, metavar="DIR",
                       help="folder holding <name>.npz files or torchvision's dataset folders "
@@ -102,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="use a stratified random subset of N train images")
     data.add_argument("--labels-per-class", type=int, default=None, metavar="N",
                       help="labelled train images per class for probes and baselines")
+    data.add_argument("--test-subset", type=int, default=None, metavar="N",
+                      help="evaluate on a stratified random subset of N test images")
     data.add_argument("--pretrain-subset", type=int, default=None, metavar="N",
                       help="pre-train on a random subset of N images (STL-10: the seed "
                       "used 50000 of the unlabelled split)")
@@ -115,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> None:
+    from .data import COMPOSITES
     from .run import RunOptions, run
 
     overrides = {k.split(".", 1)[1]: (tuple(v) if isinstance(v, list) else v)
@@ -123,7 +148,19 @@ def _run(args: argparse.Namespace) -> None:
         raise UserError(f"--knn-k must be at least 1, got {args.knn_k}")
     if not args.knn_temperature > 0:
         raise UserError(f"--knn-temperature must be positive, got {args.knn_temperature}")
-    run(RunOptions(datasets=args.datasets, recipe=args.recipe, profile=args.profile,
+    if args.n_last_blocks < 1:
+        raise UserError(f"--n-last-blocks must be at least 1, got {args.n_last_blocks}")
+    if args.eval_every is not None and args.eval_every < 0:
+        raise UserError(f"--eval-every must not be negative, got {args.eval_every}")
+    if args.label_budgets and not all(0 < f <= 1 for f in args.label_budgets):
+        raise UserError(f"--label-budgets are fractions in (0, 1], got {args.label_budgets}")
+    if args.supervised_epochs is not None and args.supervised_epochs < 1:
+        raise UserError(f"--supervised-epochs must be at least 1, got "
+                        f"{args.supervised_epochs}")
+    datasets = list(args.datasets)
+    if args.composites:
+        datasets += [name for name in COMPOSITES if name not in datasets]
+    run(RunOptions(datasets=datasets, recipe=args.recipe, profile=args.profile,
                    overrides=overrides, seeds=args.seeds, device=args.device, out=args.out,
                    compile=args.compile, knn_k=args.knn_k,
                    knn_temperature=args.knn_temperature, progress=not args.no_progress,
@@ -131,7 +168,11 @@ def _run(args: argparse.Namespace) -> None:
                    train_subset=args.train_subset, labels_per_class=args.labels_per_class,
                    pretrain_subset=args.pretrain_subset, resume=args.resume,
                    restart=args.restart, checkpoint_every=args.checkpoint_every,
-                   deterministic=args.deterministic))
+                   deterministic=args.deterministic, probe=args.probe,
+                   n_last_blocks=args.n_last_blocks, eval_every=args.eval_every,
+                   label_budgets=(tuple(args.label_budgets)
+                                  if args.label_budgets is not None else None),
+                   supervised_epochs=args.supervised_epochs, test_subset=args.test_subset))
 
 
 def _report(args: argparse.Namespace) -> None:

@@ -16,45 +16,155 @@ import math
 from pathlib import Path
 
 from .errors import UserError
-from .figures import attention_figure
+from .figures import (
+    attention_figure,
+    attention_grid_figure,
+    bars_figure,
+    learning_curves_figure,
+    lines_figure,
+)
 from .io import atomic_write_json, atomic_write_text
 
 KEY = ("dataset", "model", "metric")
-UNITS = {"knn_top1": "%"}
+# Every score dinobench reports is a percentage (accuracy, Jaccard, mass, hit rate, area).
+UNITS = {m: "%" for m in (
+    "knn_top1", "knn_top1_k200_t0.1", "linear_top1", "label_budget_top1",
+    "jaccard_best_head", "jaccard_mean_head", "mass_inside", "pointing_game", "fg_area",
+    "fg_scored")}
+OVERLAP = ("jaccard_best_head", "jaccard_mean_head", "mass_inside", "pointing_game")
+# Columns of the summary table: metric -> header.
+SUMMARY = {"knn_top1": "k-NN (k 20)", "knn_top1_k200_t0.1": "k-NN (k 200)",
+           "linear_top1": "linear", "jaccard_best_head": "Jaccard, best head",
+           "jaccard_mean_head": "Jaccard, mean head", "mass_inside": "mass inside",
+           "pointing_game": "pointing game", "fg_area": "foreground area",
+           "fg_scored": "images scored"}
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """Group rows by (dataset, model, metric); mean and sample standard deviation over
-    seeds, in first-seen order."""
+    """Group rows by (dataset, model, metric) and, for label-budget rows, the number of
+    labels; mean and sample standard deviation over seeds, in first-seen order.
+
+    Rows flagged ``collapsed`` are left out of the mean and counted in ``n_collapsed``:
+    a collapsed model's score is not a measurement of what DINO learns."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        groups.setdefault(tuple(row[k] for k in KEY), []).append(row)
+        key = tuple(row[k] for k in KEY) + (row.get("n_labels"),)
+        groups.setdefault(key, []).append(row)
     out = []
     for key, members in groups.items():
-        values = [float(r["value"]) for r in members]
-        mean = sum(values) / len(values)
-        std = (math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-               if len(values) > 1 else 0.0)
+        values = [float(r["value"]) for r in members if not r.get("collapsed")]
+        n = len(values)
+        mean = sum(values) / n if n else math.nan
+        std = (math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+               if n > 1 else 0.0)
         first = members[0]
-        out.append({**dict(zip(KEY, key)), "mean": mean, "std": std, "n": len(values),
+        out.append({**dict(zip(KEY, key)), "mean": mean, "std": std, "n": n,
+                    "n_collapsed": len(members) - n,
                     "epochs": first.get("epochs"), "n_train": first.get("n_train"),
-                    "recipe": first.get("recipe")})
+                    "recipe": first.get("recipe"), "n_labels": key[-1],
+                    "background": first.get("background"),
+                    "image_size": first.get("image_size")})
     return out
 
 
-def _fmt(mean: float, std: float, n: int) -> str:
-    return f"{mean:.2f} ± {std:.2f}" if n > 1 else f"{mean:.2f}"
+def _fmt(mean: float, std: float, n: int, n_collapsed: int = 0) -> str:
+    if n == 0:
+        return f"collapsed ({n_collapsed})" if n_collapsed else "—"
+    text = f"{mean:.2f} ± {std:.2f}" if n > 1 else f"{mean:.2f}"
+    return text + (f" ({n_collapsed} collapsed)" if n_collapsed else "")
+
+
+def _metric_label(s: dict) -> str:
+    if s["metric"] == "label_budget_top1":
+        return f"{s['metric']} @ {s['n_labels']} labels"
+    return s["metric"]
+
+
+def long_table(summary: list[dict]) -> str:
+    """Every (dataset, model, metric): mean ± std over seeds."""
+    lines = ["| dataset | model | metric | value | seeds | epochs | n_train |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    for s in summary:
+        unit = UNITS.get(s["metric"], "")
+        lines.append(f"| {s['dataset']} | {s['model']} | {_metric_label(s)} | "
+                     f"{_fmt(s['mean'], s['std'], s['n'], s['n_collapsed'])}"
+                     f"{unit if s['n'] else ''} | {s['n']} | "
+                     f"{s['epochs']} | {s['n_train']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _pivot(summary: list[dict], row_key, col_key, corner: list[str],
+           cols: list | None = None) -> str:
+    """A Markdown table of ``mean ± std`` cells: one line per distinct ``row_key(s)``
+    (a tuple) in first-seen order, one column per ``cols`` entry (default: distinct
+    ``col_key(s)`` in first-seen order)."""
+    cells: dict[tuple, dict] = {}
+    seen: list = []
+    for s in summary:
+        r, c = row_key(s), col_key(s)
+        seen += [c] if c not in seen else []
+        cells.setdefault(r, {})[c] = _fmt(s["mean"], s["std"], s["n"], s["n_collapsed"])
+    if not cells:
+        return ""
+    cols = seen if cols is None else cols
+    lines = ["| " + " | ".join(corner + [str(c) for c in cols]) + " |",
+             "|" + "---|" * len(corner) + "---:|" * len(cols)]
+    for r, row in cells.items():
+        lines.append("| " + " | ".join([str(v) for v in r] +
+                                       [row.get(c, "—") for c in cols]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _model_rank(model: str) -> int:
+    """DINO first, then its references: the supervised ViT, random init, uniform."""
+    for rank, prefix in enumerate(("dino", "supervised", "random-init", "uniform")):
+        if model.startswith(prefix):
+            return rank
+    return 4
+
+
+def _group_models(summary: list[dict], group) -> list[dict]:
+    """Stable sort: groups (``group(s)``) in first-seen order, models ranked inside."""
+    first: dict = {}
+    for s in summary:
+        first.setdefault(group(s), len(first))
+    return sorted(summary, key=lambda s: (first[group(s)], _model_rank(s["model"])))
+
+
+def summary_table(summary: list[dict], leading: tuple[str, ...] = ()) -> str:
+    """One line per (dataset, model), the headline metrics side by side (%), so each
+    score sits beside its chance references (random-init, uniform)."""
+    keep = _group_models([s for s in summary if s["metric"] in SUMMARY],
+                         lambda s: tuple(s.get(k) for k in leading) + (s["dataset"],))
+    cols = [h for m, h in SUMMARY.items() if any(s["metric"] == m for s in keep)]
+    return _pivot(keep, lambda s: tuple(s.get(k) for k in leading) +
+                  (s["dataset"], s["model"]), lambda s: SUMMARY[s["metric"]],
+                  list(leading) + ["dataset", "model"], cols=cols)
 
 
 def to_markdown(rows: list[dict]) -> str:
-    lines = ["| dataset | model | metric | value | seeds | epochs | n_train |",
-             "|---|---|---|---:|---:|---:|---:|"]
-    for s in summarize(rows):
-        unit = UNITS.get(s["metric"], "")
-        lines.append(f"| {s['dataset']} | {s['model']} | {s['metric']} | "
-                     f"{_fmt(s['mean'], s['std'], s['n'])}{unit} | {s['n']} | "
-                     f"{s['epochs']} | {s['n_train']} |")
-    return "\n".join(lines) + "\n"
+    """The long table; when the rows hold more than k-NN, sections before it: a summary
+    across datasets, labels versus no labels, and background x resolution."""
+    summary = summarize(rows)
+    if all(s["metric"] == "knn_top1" for s in summary):
+        return long_table(summary)
+    sections = [("Summary (top-1 and overlap scores, %)", summary_table(summary)),
+                ("Labels versus no labels: test top-1 (%) by number of labelled images",
+                 _pivot(_group_models([s for s in summary
+                                       if s["metric"] == "label_budget_top1"],
+                                      lambda s: (s["dataset"], s["n_labels"])),
+                        lambda s: (s["dataset"], s["n_labels"]), lambda s: s["model"],
+                        ["dataset", "labels"]))]
+    for metric in OVERLAP:
+        sections.append((f"Background and resolution: {metric} (%) by image size",
+                         _pivot(_group_models([s for s in summary if s["metric"] == metric
+                                               and s["background"] is not None],
+                                              lambda s: s["background"]),
+                                lambda s: (s["background"], s["model"]),
+                                lambda s: f"{s['image_size']} px",
+                                ["background", "model"])))
+    sections.append(("All rows", long_table(summary)))
+    return "\n".join(f"## {title}\n\n{table}" for title, table in sections if table)
 
 
 def to_csv(rows: list[dict]) -> str:
@@ -75,13 +185,70 @@ def write_tables(out_dir: Path, rows: list[dict]) -> str:
     return md
 
 
-def write_figures(out_dir: Path, figures: dict) -> list[Path]:
+def write_figures(out_dir: Path, figures: dict, rows: list[dict] | None = None
+                  ) -> list[Path]:
+    """Attention grids and learning curves from ``figures``; overlap bars, label-budget
+    and background x resolution plots from ``rows`` (mean ± std over seeds)."""
     written = []
     for item in figures.get("attention", []):
-        path = out_dir / f"attention_{item['dataset']}_{item['model']}.png"
-        attention_figure(item["images"], item["maps"], path,
-                         title=f"{item['dataset']}: {item['model']} (last block, CLS query, "
-                               "mean over heads)")
+        if isinstance(item["maps"], dict):  # several models on the same images
+            path = out_dir / f"attention_{item['dataset']}.png"
+            attention_grid_figure(item["images"], item["maps"], path,
+                                  title=f"{item['dataset']}: last block, CLS query, mean "
+                                        "over heads", foreground=item.get("foreground"))
+        else:
+            path = out_dir / f"attention_{item['dataset']}_{item['model']}.png"
+            attention_figure(item["images"], item["maps"], path,
+                             title=f"{item['dataset']}: {item['model']} (last block, CLS "
+                                   "query, mean over heads)")
+        written.append(path)
+    curves: dict[str, list] = {}
+    for item in figures.get("curves", []):
+        curves.setdefault(item["dataset"], []).append(item)
+    for dataset, items in curves.items():
+        path = out_dir / f"curves_{dataset}.png"
+        learning_curves_figure(items, path, title=f"{dataset}: learning curves")
+        written.append(path)
+    return written + _row_figures(out_dir, summarize(rows or []))
+
+
+def _row_figures(out_dir: Path, summary: list[dict]) -> list[Path]:
+    written = []
+    plain = [s for s in summary if s["metric"] in OVERLAP and s["background"] is None]
+    for dataset in dict.fromkeys(s["dataset"] for s in plain):
+        mine = [s for s in plain if s["dataset"] == dataset]
+        series = {}
+        for model in dict.fromkeys(s["model"] for s in mine):
+            by = {s["metric"]: s for s in mine if s["model"] == model}
+            series[model] = ([by[m]["mean"] if m in by else None for m in OVERLAP],
+                             [by[m]["std"] if m in by else None for m in OVERLAP])
+        path = out_dir / f"overlap_{dataset}.png"
+        bars_figure(list(OVERLAP), series, path, reference="uniform",
+                    title=f"{dataset}: attention vs foreground (uniform = chance, dashed)")
+        written.append(path)
+    budget = [s for s in summary if s["metric"] == "label_budget_top1"]
+    for dataset in dict.fromkeys(s["dataset"] for s in budget):
+        lines = {}
+        for s in (s for s in budget if s["dataset"] == dataset):
+            xs, ys = lines.setdefault(s["model"], ([], []))
+            xs.append(s["n_labels"])
+            ys.append(s["mean"])
+        path = out_dir / f"label_budget_{dataset}.png"
+        lines_figure({"": {"test top-1": lines}}, path, xlabel="labelled images",
+                     logx=True, title=f"{dataset}: labels versus no labels "
+                                      "(DINO: linear probe; supervised: trained on them)")
+        written.append(path)
+    comp = [s for s in summary if s["metric"] in OVERLAP and s["background"] is not None]
+    if comp:
+        panels: dict[str, dict] = {}  # metric -> background -> model -> (sizes, means)
+        for s in comp:
+            xs, ys = panels.setdefault(s["metric"], {}).setdefault(
+                f"{s['background']} background", {}).setdefault(s["model"], ([], []))
+            xs.append(s["image_size"])
+            ys.append(s["mean"])
+        path = out_dir / "composites.png"
+        lines_figure(panels, path, xlabel="image side (px), 8x8 patches",
+                     title="MNIST composites: background x resolution")
         written.append(path)
     return written
 
@@ -93,7 +260,7 @@ def write_results(out_dir: str | Path, rows: list[dict], meta: dict,
     atomic_write_json(out_dir / "results.json", {"meta": meta, "rows": rows,
                                                  "figures": figures})
     md = write_tables(out_dir, rows)
-    write_figures(out_dir, figures)
+    write_figures(out_dir, figures, rows)
     return md
 
 
@@ -115,5 +282,31 @@ def rebuild(out_dir: str | Path) -> str:
     """Re-create results.md, results.csv and the figures from results.json."""
     data = load_results(out_dir)
     md = write_tables(Path(out_dir), data["rows"])
-    write_figures(Path(out_dir), data.get("figures", {}))
+    write_figures(Path(out_dir), data.get("figures", {}), data["rows"])
+    return md
+
+
+def index_markdown(root: str | Path) -> str:
+    """One summary table across every run folder under ``root`` (each holding a
+    results.json), a line per (run, dataset, model)."""
+    root = Path(root)
+    summary = []
+    for path in sorted(root.glob("*/results.json")):
+        summary += [{**s, "run": path.parent.name}
+                    for s in summarize(load_results(path.parent)["rows"])]
+    table = summary_table(summary, leading=("run",))
+    if not table:
+        return ""
+    return ("# Results\n\nTop-1 accuracies and attention-foreground overlap scores (%), "
+            "mean ± std over seeds, gathered from every run folder here. Each run's "
+            "results.md holds all its tables.\n\n" + table)
+
+
+def write_index(root: str | Path) -> str:
+    """Write ``root/README.md`` from :func:`index_markdown`; returns its text."""
+    md = index_markdown(root)
+    if not md:
+        raise UserError(f"no run folder with a results.json under {root}; run "
+                        "'dinobench run' first")
+    atomic_write_text(Path(root) / "README.md", md)
     return md

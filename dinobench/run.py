@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import os
 import platform
 import subprocess
@@ -25,17 +24,26 @@ import torch
 from . import __version__, checkpoint
 from . import distributed as distrib
 from .config import PROFILES, Recipe, get_recipe
-from .data import SPECS, Dataset, DatasetSpec, known_datasets, load_dataset
+from .data import COMPOSITES, SPECS, Dataset, DatasetSpec, known_datasets, load_dataset
 from .dino.faults import knn_at_chance
 from .dino.multicrop import MultiCropConfig
 from .dino.train import DINOTrainer, Interrupted
 from .errors import ConfigError, DataError, UserError
-from .eval.features import extract_features, to_model_input
-from .eval.knn import knn_top1
-from .report import write_results
+from .eval.supervised import SupervisedConfig
+from .experiments import (
+    BUDGETS,
+    EvalConfig,
+    dino_curve,
+    dino_epoch_evaluator,
+    evaluate_models,
+    label_budget_comparison,
+    merge_figures,
+    random_init_like,
+)
+from .report import write_index, write_results
 from .runfolder import RunFolder
 from .signals import StopOnSignal
-from .vit import ViT, ViTConfig
+from .vit import ViTConfig
 
 DEFAULT_DATASETS = ("digits",)
 
@@ -54,6 +62,12 @@ class RunOptions:
     knn_temperature: float = 0.07
     attention_images: int = 16  # test images in the attention figure
     progress: bool = True  # tqdm bars
+    # Evaluation beyond k-NN.
+    probe: bool = True  # linear probe on the frozen teacher features
+    n_last_blocks: int = 1  # probe features: CLS tokens of the last n blocks (DINO: 4)
+    eval_every: int | None = None  # k-NN every n epochs; None: the profile's; 0: off
+    label_budgets: tuple[float, ...] | None = None  # labels vs no labels; None: profile's
+    supervised_epochs: int | None = None  # None: the DINO epochs
     # Reliability.
     resume: bool = False  # continue the run folder's unfinished units
     restart: bool = False  # discard the run folder's unfinished units and start over
@@ -65,11 +79,15 @@ class RunOptions:
     train_subset: int | None = None  # stratified, seeded subset of the train split
     labels_per_class: int | None = None  # labelled images per class for probes/baselines
     pretrain_subset: int | None = None  # random subset of the pre-training images
+    test_subset: int | None = None  # stratified subset of the test split
 
     def data_kwargs(self) -> dict:
         return {"data_dir": self.data_dir, "download": self.download,
                 "train_subset": self.train_subset, "labels_per_class": self.labels_per_class,
-                "pretrain_subset": self.pretrain_subset}
+                "pretrain_subset": self.pretrain_subset, "test_subset": self.test_subset}
+
+    def profile_name(self, dataset: str) -> str:
+        return self.profile or ("quick" if dataset == "digits" else "full")
 
 
 class RunInterrupted(UserError):
@@ -83,7 +101,7 @@ class RunInterrupted(UserError):
 def resolve_recipe(opts: RunOptions, dataset: str, dataset_epochs: int) -> Recipe:
     """Preset, then profile, then command-line overrides; validated."""
     recipe = get_recipe(opts.recipe)
-    profile_name = opts.profile or ("quick" if dataset == "digits" else "full")
+    profile_name = opts.profile_name(dataset)
     if profile_name not in PROFILES:
         raise ConfigError(f"unknown profile {profile_name!r}; choose one of: "
                           f"{', '.join(PROFILES)}")
@@ -127,31 +145,24 @@ def set_deterministic() -> None:
     torch.use_deterministic_algorithms(True)
 
 
-@torch.no_grad()
-def attention_maps(backbone: ViT, images: torch.Tensor, mean, std) -> torch.Tensor:
-    """Last block, CLS query, mean over heads: ``(N, gh, gw)`` float32 on the CPU."""
-    backbone.eval()
-    device = next(backbone.parameters()).device
-    x = to_model_input(images.to(device), mean, std, backbone.cfg.image_size)
-    return backbone.cls_attention(x).mean(dim=1).float().cpu()
+def evaluation_config(opts: RunOptions) -> EvalConfig:
+    return EvalConfig(knn=((opts.knn_k, opts.knn_temperature), (200, 0.1)), probe=opts.probe,
+                      n_last_blocks=opts.n_last_blocks,
+                      attention_images=opts.attention_images)
 
 
-def features(backbone: ViT, images: torch.Tensor, spec: DatasetSpec,
-             info: distrib.DistInfo) -> torch.Tensor:
-    """CLS features of all images; with several processes each extracts a contiguous
-    slice and the slices are gathered in order."""
-    if info.enabled:
-        per = math.ceil(images.shape[0] / info.world_size)
-        images = images[info.rank * per:(info.rank + 1) * per]
-    return distrib.all_gather_cat(extract_features(backbone, images, spec.mean, spec.std))
+def label_budgets(opts: RunOptions, dataset: str) -> tuple[float, ...]:
+    """Fractions of the labelled split for labels versus no labels (none in the quick
+    profile, where a supervised ViT per budget would not fit in minutes)."""
+    if opts.label_budgets is not None:
+        return tuple(opts.label_budgets)
+    return () if opts.profile_name(dataset) == "quick" else BUDGETS
 
 
-def evaluate_knn(backbone: ViT, ds: Dataset, opts: RunOptions,
-                 info: distrib.DistInfo = distrib.SINGLE) -> float:
-    train = features(backbone, ds.train_images, ds.spec, info)
-    test = features(backbone, ds.test_images, ds.spec, info)
-    return knn_top1(train, ds.train_labels, test, ds.test_labels, k=opts.knn_k,
-                    temperature=opts.knn_temperature, num_classes=ds.spec.num_classes)
+def eval_every(opts: RunOptions, dataset: str, epochs: int) -> int:
+    if opts.eval_every is not None:
+        return opts.eval_every
+    return 2 if opts.profile_name(dataset) == "quick" else max(1, epochs // 20)
 
 
 def run_unit(ds: Dataset, seed: int, opts: RunOptions, folder: RunFolder, device: torch.device,
@@ -166,9 +177,14 @@ def run_unit(ds: Dataset, seed: int, opts: RunOptions, folder: RunFolder, device
     cfg = vit_config(recipe, ds.spec)
     crop_cfg = MultiCropConfig.from_recipe(recipe, cfg.image_size, cfg.patch_size,
                                            ds.spec.mean, ds.spec.std)
+    every = eval_every(opts, ds.name, recipe.epochs)
+    on_epoch_end = (dino_epoch_evaluator(ds, every=every, epochs=recipe.epochs,
+                                         cfg=evaluation_config(opts), device=device)
+                    if every else None)
     trainer = DINOTrainer(recipe, cfg, crop_cfg, device=device, seed=seed,
                           compile=opts.compile, log_path=folder.train_log(ds.name, seed),
-                          progress=opts.progress, log=log, dist=info)
+                          progress=opts.progress, log=log, dist=info,
+                          on_epoch_end=on_epoch_end)
     identity = {"dataset": ds.name, "n_images": int(ds.pretrain_images.shape[0]),
                 "fingerprint": checkpoint.fingerprint(ds.pretrain_images), "seed": seed,
                 "world_size": info.world_size, "recipe": dataclasses.asdict(recipe),
@@ -194,41 +210,51 @@ def run_unit(ds: Dataset, seed: int, opts: RunOptions, folder: RunFolder, device
                              "continue with the same command plus --resume",
                              stop.signum) from None
 
-    dino_knn = evaluate_knn(result.teacher.backbone, ds, opts, info)
-    torch.manual_seed(seed)
-    random_vit = ViT(cfg).to(device)  # same shape, same seed, never trained
-    t0 = time.perf_counter()
-    random_knn = evaluate_knn(random_vit, ds, opts, info)
-    eval_seconds = time.perf_counter() - t0
-    collapsed = result.collapsed or (
-        f"k-NN top-1 {dino_knn:.2f}% is at chance" if knn_at_chance(
-            dino_knn, ds.spec.num_classes) else None)
-    if collapsed:
-        log(f"[{ds.name}] seed {seed}: WARNING collapsed: {collapsed}")
-    log(f"[{ds.name}] seed {seed}: k-NN top-1 {dino_knn:.2f}% (DINO teacher) vs "
-        f"{random_knn:.2f}% (random init)")
+    model = f"dino-{recipe.name}"
     context = {"recipe": recipe.name, "epochs": recipe.epochs,
                "n_train": int(ds.pretrain_images.shape[0]),
                "n_test": int(ds.test_images.shape[0]), "device": device_name(device),
-               "image_size": cfg.image_size, "grid": cfg.grid, "seed": seed,
-               "k": opts.knn_k, "temperature": opts.knn_temperature}
-    train_seconds = sum(h["seconds"] for h in result.history)
-    rows = [
-        {"dataset": ds.name, "model": f"dino-{recipe.name}", "metric": "knn_top1",
-         "value": dino_knn, **context, "seconds": round(train_seconds, 3),
-         "collapsed": bool(collapsed), "collapse_reason": collapsed or ""},
-        {"dataset": ds.name, "model": "random-init", "metric": "knn_top1",
-         "value": random_knn, **context, "seconds": round(eval_seconds, 3),
-         "collapsed": False, "collapse_reason": ""},
-    ]
-    figure = None
-    if opts.attention_images > 0 and seed == opts.seeds[0]:
-        imgs = ds.test_images[:opts.attention_images]
-        maps = attention_maps(result.teacher.backbone, imgs, ds.spec.mean, ds.spec.std)
-        figure = {"dataset": ds.name, "model": f"dino-{recipe.name}",
-                  "images": imgs.permute(0, 2, 3, 1).tolist(),
-                  "maps": [[[round(v, 5) for v in r] for r in m] for m in maps.tolist()]}
-    unit = {"rows": rows, "figure": figure, "recipe": dataclasses.asdict(recipe)}
+               "image_size": cfg.image_size, "grid": cfg.grid}
+    if ds.name in COMPOSITES:
+        context["background"] = ds.name.split("-")[1]
+    eval_cfg = evaluation_config(opts)
+    models = {model: result.teacher.backbone,
+              "random-init": random_init_like(cfg, seed, device)}
+    rows, figures = [], {"curves": [dino_curve(ds.name, model, result.history, seed)]}
+    budgets = label_budgets(opts, ds.name)
+    if budgets:
+        sup_cfg = SupervisedConfig(epochs=opts.supervised_epochs or recipe.epochs,
+                                   images_per_epoch=int(ds.pretrain_images.shape[0]))
+        b_rows, b_figures, supervised = label_budget_comparison(
+            ds, result.teacher.backbone, model=model, crop_cfg=crop_cfg, seed=seed,
+            context=context, budgets=budgets, sup_cfg=sup_cfg, cfg=eval_cfg, device=device,
+            log=None)
+        rows += b_rows
+        figures = merge_figures(figures, b_figures)
+        models["supervised"] = supervised
+    e_rows, e_figures = evaluate_models(ds, models, seed=seed, context=context, cfg=eval_cfg,
+                                        attention=seed == opts.seeds[0], device=device)
+    rows = e_rows + rows
+    figures = merge_figures(figures, e_figures)
+
+    knn = next(r["value"] for r in rows if r["model"] == model and r["metric"] == "knn_top1")
+    collapsed = result.collapsed or (
+        f"k-NN top-1 {knn:.2f}% is at chance" if knn_at_chance(
+            knn, ds.spec.num_classes) else None)
+    for r in rows:
+        r["collapsed"] = bool(collapsed) and r["model"] == model
+        r["collapse_reason"] = (collapsed or "") if r["model"] == model else ""
+    train_seconds = round(sum(h["seconds"] for h in result.history), 3)
+    for r in rows:
+        if r["model"] == model and r["metric"] == "knn_top1":
+            r["train_seconds"] = train_seconds
+    if collapsed:
+        log(f"[{ds.name}] seed {seed}: WARNING collapsed: {collapsed}")
+    random_knn = next(r["value"] for r in rows
+                      if r["model"] == "random-init" and r["metric"] == "knn_top1")
+    log(f"[{ds.name}] seed {seed}: k-NN top-1 {knn:.2f}% (DINO teacher) vs "
+        f"{random_knn:.2f}% (random init); trained in {train_seconds:.1f} s")
+    unit = {"rows": rows, "figures": figures, "recipe": dataclasses.asdict(recipe)}
     if info.is_main:
         folder.save_done(ds.name, seed, unit)
     return unit
@@ -286,7 +312,7 @@ def run(opts: RunOptions | None = None, log: Callable[[str], None] = print) -> l
     folder = RunFolder(Path(opts.out) if opts.out else default_out(opts))
     datasets = [load_dataset(name, **opts.data_kwargs()) for name in opts.datasets]
     t0 = time.perf_counter()
-    rows, figures, recipes = [], [], {}
+    rows, figures, recipes = [], {}, {}
     with folder if info.is_main else contextlib.nullcontext(), StopOnSignal() as stop:
         if info.is_main:
             _prepare_folder(folder, opts)
@@ -298,8 +324,7 @@ def run(opts: RunOptions | None = None, log: Callable[[str], None] = print) -> l
                 unit = run_unit(ds, seed, opts, folder, device, info, stop, log)
                 rows += unit["rows"]
                 recipes[ds.name] = unit["recipe"]
-                if unit.get("figure"):
-                    figures.append(unit["figure"])
+                figures = merge_figures(figures, unit["figures"])
         if not info.is_main:
             return rows
         meta = {
@@ -310,6 +335,8 @@ def run(opts: RunOptions | None = None, log: Callable[[str], None] = print) -> l
             "world_size": info.world_size, "deterministic": opts.deterministic,
             "seconds": round(time.perf_counter() - t0, 1),
         }
-        md = write_results(folder.path, rows, meta, {"attention": figures})
+        md = write_results(folder.path, rows, meta, figures)
+        if folder.path.parent.name == "results":
+            write_index(folder.path.parent)
     log(f"\n{md}\nwrote {folder.path}/results.{{json,csv,md}} and figures")
     return rows

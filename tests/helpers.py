@@ -34,7 +34,7 @@ def popen(*args: str) -> subprocess.Popen:
                             env=cli_env(), cwd=REPO)
 
 
-def rows(run_dir: Path, drop=("seconds",)) -> list[dict]:
+def rows(run_dir: Path, drop=("seconds", "train_seconds")) -> list[dict]:
     data = json.loads((run_dir / "results.json").read_text())
     return [{k: v for k, v in r.items() if k not in drop} for r in data["rows"]]
 

@@ -107,7 +107,8 @@ def to_tensor(x: np.ndarray, spec: DatasetSpec, rows: np.ndarray | None = None
 
 def build_dataset(raw: RawSplits, spec: DatasetSpec, *, train_subset: int | None = None,
                   labels_per_class: int | None = None, pretrain_subset: int | None = None,
-                  seed: int = 0, source: str | None = None) -> Dataset:
+                  test_subset: int | None = None, seed: int = 0, source: str | None = None
+                  ) -> Dataset:
     """Select the rows a run uses and copy them into tensors.
 
     ``train_subset`` draws a stratified subset of the train split; it is then both the
@@ -115,9 +116,10 @@ def build_dataset(raw: RawSplits, spec: DatasetSpec, *, train_subset: int | None
     ``labels_per_class`` keeps exactly that many labelled images per class from it, for
     k-NN banks, probes and baselines, while pre-training still sees every train image.
     ``pretrain_subset`` draws a uniform subset of the pre-training images (the unlabelled
-    split where there is one). Each draw has its own random stream from ``seed``.
+    split where there is one). ``test_subset`` draws a stratified subset of the test
+    split (for quick evaluations). Each draw has its own random stream from ``seed``.
     """
-    rngs = [np.random.default_rng([seed, k]) for k in range(3)]
+    rngs = [np.random.default_rng([seed, k]) for k in range(4)]
     train_rows = np.arange(len(raw.y_train))
     if train_subset is not None:
         train_rows = stratified_indices(raw.y_train, train_subset, rngs[0])
@@ -141,6 +143,11 @@ def build_dataset(raw: RawSplits, spec: DatasetSpec, *, train_subset: int | None
     else:
         pretrain_images = to_tensor(pretrain_x, spec, pretrain_rows)
 
+    test_rows = np.arange(len(raw.y_test))
+    if test_subset is not None:
+        test_rows = stratified_indices(raw.y_test, test_subset, rngs[3], flag="--test-subset",
+                                       what="test images")
     return Dataset(spec, train_images, torch.from_numpy(raw.y_train[labelled_rows]),
-                   to_tensor(raw.x_test, spec), torch.from_numpy(raw.y_test.copy()),
+                   to_tensor(raw.x_test, spec, test_rows),
+                   torch.from_numpy(raw.y_test[test_rows].copy()),
                    pretrain_images, source=source or raw.origin)

@@ -21,14 +21,15 @@ def _check_size(n: int, available: int, flag: str, what: str) -> None:
 
 
 def stratified_indices(labels: np.ndarray, n: int, rng: np.random.Generator, *,
-                       flag: str = "--train-subset") -> np.ndarray:
+                       flag: str = "--train-subset", what: str = "train images"
+                       ) -> np.ndarray:
     """``n`` rows drawn so each class keeps its share of ``labels``.
 
     Class quotas are ``n * count / total`` rounded down; the rows left over go to the
     classes with the largest remainders (ties broken at random), so the sizes add up to
     ``n`` exactly and no class gets more than it has.
     """
-    _check_size(n, len(labels), flag, "train images")
+    _check_size(n, len(labels), flag, what)
     classes, counts = np.unique(labels, return_counts=True)
     take, remainder = np.divmod(n * counts, len(labels))
     short = n - int(take.sum())

@@ -1,10 +1,16 @@
-"""Frozen features: the CLS token after the final norm, extracted in batches."""
+"""Frozen features: the CLS token after the final norm, extracted in batches.
+
+For the linear probe DINO also concatenates the CLS tokens of the last few blocks (each
+through the final norm, as its reference ``get_intermediate_layers`` does): more of the
+network's depth is visible to a linear classifier.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from .. import distributed
 from ..vit import ViT
 
 
@@ -20,12 +26,42 @@ def to_model_input(images: torch.Tensor, mean, std, size: int) -> torch.Tensor:
     return (x - m) / s
 
 
+def last_blocks_cls(backbone: ViT, x: torch.Tensor, n_last_blocks: int) -> torch.Tensor:
+    """The CLS tokens of the last ``n_last_blocks`` blocks, each after the final norm,
+    concatenated: ``(B, n_last_blocks * D)``, the last block last."""
+    depth = len(backbone.blocks)
+    if not 1 <= n_last_blocks <= depth:
+        raise ValueError(f"n_last_blocks must lie in [1, {depth}] (the ViT's depth), got "
+                         f"{n_last_blocks}")
+    if n_last_blocks == 1:
+        return backbone(x)
+    x = backbone.tokens(x)
+    out = []
+    for i, block in enumerate(backbone.blocks):
+        x, _ = block(x)
+        if i >= depth - n_last_blocks:
+            out.append(backbone.norm(x[:, 0]))
+    return torch.cat(out, dim=1)
+
+
 @torch.no_grad()
 def extract_features(backbone: ViT, images: torch.Tensor, mean, std, *,
-                     batch_size: int = 512, device: torch.device | str | None = None
-                     ) -> torch.Tensor:
-    """CLS features ``(N, D)`` in float32 on ``device`` (default: the backbone's)."""
+                     batch_size: int = 512, device: torch.device | str | None = None,
+                     n_last_blocks: int = 1, _local: bool = False) -> torch.Tensor:
+    """CLS features ``(N, n_last_blocks * D)`` in float32 on ``device`` (default: the
+    backbone's); ``n_last_blocks = 1`` is the CLS token after the final norm.
+
+    Under ``torchrun`` every rank must call this together: each extracts a contiguous
+    slice of the images and the slices are gathered in order, so every rank returns all
+    N features."""
     device = torch.device(device) if device else next(backbone.parameters()).device
+    info = distributed.current()
+    if info.enabled and not _local:
+        per = -(-images.shape[0] // info.world_size)
+        mine = images[info.rank * per:(info.rank + 1) * per]
+        return distributed.all_gather_cat(extract_features(
+            backbone, mine, mean, std, batch_size=batch_size, device=device,
+            n_last_blocks=n_last_blocks, _local=True))
     was_training = backbone.training
     backbone.eval()
     size = backbone.cfg.image_size
@@ -34,8 +70,8 @@ def extract_features(backbone: ViT, images: torch.Tensor, mean, std, *,
         for i in range(0, images.shape[0], batch_size):
             x = to_model_input(images[i:i + batch_size].to(device, non_blocking=True),
                                mean, std, size)
-            out.append(backbone(x).float())
+            out.append(last_blocks_cls(backbone, x, n_last_blocks).float())
     backbone.train(was_training)
     if not out:
-        return torch.zeros(0, backbone.cfg.dim, device=device)
+        return torch.zeros(0, n_last_blocks * backbone.cfg.dim, device=device)
     return torch.cat(out)

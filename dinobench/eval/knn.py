@@ -35,6 +35,10 @@ def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor,
         raise ValueError("the train bank is empty")
     labels = train_labels.to(train_features.device).long()
     C = int(num_classes) if num_classes is not None else int(labels.max()) + 1
+    if int(labels.min()) < 0 or int(labels.max()) >= C:
+        raise ValueError(f"train labels must lie in [0, {C}) for num_classes={C}, got "
+                         f"[{int(labels.min())}, {int(labels.max())}]; pass the dataset's "
+                         "class count as num_classes")
     bank = F.normalize(train_features.float(), dim=1)
     k = min(k, bank.shape[0])
     rows = max(1, chunk_bytes // (4 * bank.shape[0]))
