@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import sys
 
+from .bench import add_bench_parser, run_bench
 from .config import PROFILES, RECIPES, recipe_fields
 from .errors import UserError
 
@@ -135,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Re-create results.md, results.csv and the figures "
                             "of a run folder from its results.json, without training.")
     report.add_argument("run_dir", metavar="DIR", help="a folder written by 'dinobench run'")
+    add_bench_parser(sub)
     return parser
 
 
@@ -175,6 +177,10 @@ def _run(args: argparse.Namespace) -> None:
                    supervised_epochs=args.supervised_epochs, test_subset=args.test_subset))
 
 
+def _bench(args: argparse.Namespace) -> None:
+    run_bench(args)
+
+
 def _report(args: argparse.Namespace) -> None:
     from .report import rebuild
 
@@ -187,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        {"run": _run, "report": _report}[args.command](args)
+        {"run": _run, "report": _report, "bench": _bench}[args.command](args)
     except RunInterrupted as e:
         print(f"dinobench {args.command}: {e}", file=sys.stderr)
         return 128 + e.signum

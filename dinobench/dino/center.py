@@ -22,7 +22,8 @@ def update_center(center: torch.Tensor, teacher_logits: torch.Tensor,
         raise ValueError(f"center momentum must lie in [0, 1], got {momentum}")
     rows = teacher_logits.detach().float()
     batch_sum = rows.sum(dim=0)
-    count = torch.tensor(float(rows.shape[0]), device=rows.device)
+    # torch.full launches a fill kernel; torch.tensor(...) would be a blocking copy on CUDA.
+    count = torch.full((), float(rows.shape[0]), device=rows.device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(batch_sum)
         dist.all_reduce(count)

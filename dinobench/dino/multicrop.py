@@ -128,8 +128,10 @@ def resample(images: torch.Tensor, theta: torch.Tensor, size: int) -> torch.Tens
 
 def grey(x: torch.Tensor) -> torch.Tensor:
     """Luma of an RGB batch ``(N, 3, H, W)`` -> ``(N, 1, H, W)``."""
-    w = torch.tensor(_LUMA, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x * w).sum(dim=1, keepdim=True)
+    # Python-scalar weights: a weight tensor built here would be a blocking host-to-device
+    # copy on CUDA, several times per step.
+    r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
+    return (r * _LUMA[0]).add_(g, alpha=_LUMA[1]).add_(b, alpha=_LUMA[2])
 
 
 def shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -205,6 +207,7 @@ class MultiCrop:
 
     def __init__(self, cfg: MultiCropConfig):
         self.cfg = cfg
+        self._norm: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, images: torch.Tensor,
                  generator: torch.Generator | None = None) -> list[torch.Tensor]:
@@ -265,6 +268,13 @@ class MultiCrop:
             solar = ((_rand(gen, dev, N) < cfg.solarize_p) & (view >= 1)).view(N, 1, 1, 1)
             x = torch.where(solar & (x >= _SOLARIZE_THRESHOLD), 1.0 - x, x)
 
-        mean = torch.tensor(cfg.mean, device=dev).view(1, C, 1, 1)
-        std = torch.tensor(cfg.std, device=dev).view(1, C, 1, 1)
+        mean, std = self._normalisation(dev)
         return (x - mean) / std
+
+    def _normalisation(self, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel mean and std ``(1, C, 1, 1)`` on ``dev``, built once per device: a
+        tensor built from a Python list is a blocking host-to-device copy on CUDA."""
+        if dev not in self._norm:
+            self._norm[dev] = tuple(torch.tensor(v, device=dev).view(1, -1, 1, 1)
+                                    for v in (self.cfg.mean, self.cfg.std))
+        return self._norm[dev]

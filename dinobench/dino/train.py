@@ -138,14 +138,22 @@ class DINOTrainer:
         self.multicrop = MultiCrop(crop_cfg)
         self.center = torch.zeros(1, recipe.out_dim, device=self.device)
         cuda = self.device.type == "cuda"
-        self.optimizer = torch.optim.AdamW(param_groups(self.student), lr=0.0,
-                                           **({"fused": True} if cuda else {}))
+        # Fused AdamW: a few kernels per step on CUDA, and on a CPU too (torch >= 2.4),
+        # where it is several times faster than the default implementation.
+        try:
+            self.optimizer = torch.optim.AdamW(param_groups(self.student), lr=0.0, fused=True)
+        except RuntimeError:  # no fused kernel for this device in this torch
+            self.optimizer = torch.optim.AdamW(param_groups(self.student), lr=0.0)
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cuda)
         student_fwd = self.student
         if dist.enabled:
             student_fwd = nn.parallel.DistributedDataParallel(
                 self.student, device_ids=[self.device.index] if cuda else None)
         self.student_fwd, self.teacher_fwd = student_fwd, self.teacher
+        self._eager_fwd = (student_fwd, self.teacher)
+        # torch.compile compiles lazily, at the first forward and backward: until a step
+        # has passed, a compiler failure falls back to eager instead of ending the run.
+        self._compile_unproven = compile
         if compile:
             self.student_fwd = torch.compile(student_fwd, dynamic=False)
             self.teacher_fwd = torch.compile(self.teacher, dynamic=False)
@@ -183,17 +191,21 @@ class DINOTrainer:
         """One DINO step on a ``uint8`` batch. Returns device tensors (no sync)."""
         r = self.recipe
         crops = self.multicrop(batch, gen)
-        with self.autocast:
-            teacher_out = self.teacher_fwd(crops[:1])  # global views only
-            student_out = self.student_fwd(crops)
-        loss = dino_loss(student_out, teacher_out, self.center, student_temp=r.student_temp,
-                         teacher_temp=teacher_temp, n_global=r.n_global)
+        try:
+            teacher_out, loss = self._forward_backward(crops, teacher_temp)
+        except Exception as e:  # noqa: BLE001 - any compiler error, whatever its type
+            if not self._compile_unproven:
+                raise
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            self.log(f"torch.compile failed ({type(e).__name__}: {first}); continuing "
+                     "in eager mode")
+            self.student_fwd, self.teacher_fwd = self._eager_fwd
+            teacher_out, loss = self._forward_backward(crops, teacher_temp)
+        self._compile_unproven = False
         for group in self.optimizer.param_groups:
             group["lr"] = lr
             if group["decay"]:
                 group["weight_decay"] = wd
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         clip_per_tensor_(params, r.clip_grad)
         if freeze_last_layer:
@@ -205,6 +217,19 @@ class DINOTrainer:
             h_teacher = entropy(teacher_probs(teacher_out, self.center, teacher_temp))
         self.center = update_center(self.center, teacher_out, r.center_momentum)
         return {"loss": loss.detach(), "teacher_entropy": h_teacher}
+
+    def _forward_backward(self, crops: list[torch.Tensor], teacher_temp: float
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher and student forward, the loss, fresh student gradients."""
+        r = self.recipe
+        with self.autocast:
+            teacher_out = self.teacher_fwd(crops[:1])  # global views only
+            student_out = self.student_fwd(crops)
+        loss = dino_loss(student_out, teacher_out, self.center, student_temp=r.student_temp,
+                         teacher_temp=teacher_temp, n_global=r.n_global)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        return teacher_out, loss
 
     # --- the loop --------------------------------------------------------------------
     def fit(self, images: torch.Tensor, *,

@@ -1,0 +1,180 @@
+"""What each speed lever gives, measured side by side in one run on one device.
+
+    python benchmarks/levers.py [--device cpu] [--batch 8] [--depth 12] [--rounds 7]
+
+Each lever is timed against its baseline in alternating rounds (A, B, A, B, ...), so load
+from other processes hits both alike; the table gives the median time of each and the
+median of the per-round ratios with its range. Prints Markdown; ``--json`` also writes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from dinobench.bench import SHAPES
+from dinobench.config import SEED
+from dinobench.dino.ema import ema_update_
+from dinobench.dino.multicrop import MultiCropConfig
+from dinobench.dino.train import DINOTrainer, param_groups
+from dinobench.perf import Timer, environment
+from dinobench.reference import (
+    ReferenceDataset,
+    ReferenceMultiCrop,
+    ReferenceTrainer,
+    use_explicit_attention_,
+)
+from dinobench.vit import ViTConfig
+
+
+def side_by_side(name: str, lever: str, baseline: str, fa, fb, rounds: int, timer: Timer,
+                 per: int = 1) -> dict:
+    """Median seconds of ``fa`` (the lever) and ``fb`` (its baseline) over alternating
+    rounds after one warm-up call each; ``per``: items per call, for a per-item time."""
+    fa(), fb()
+    ta, tb = [], []
+    for _ in range(rounds):
+        for fn, out in ((fa, ta), (fb, tb)):
+            timer.start()
+            fn()
+            out.append(timer.stop() / per)
+    ratios = [b / a for a, b in zip(ta, tb)]
+    return {"lever": name, "a": lever, "b": baseline, "a_s": statistics.median(ta),
+            "b_s": statistics.median(tb), "ratio": statistics.median(ratios),
+            "ratio_min": min(ratios), "ratio_max": max(ratios), "rounds": rounds}
+
+
+@torch.no_grad()
+def ema_loop_(teacher, student, momentum: float) -> None:
+    """The DINO reference code's EMA: one multiply-add per parameter tensor."""
+    for p_s, p_t in zip(student.parameters(), teacher.parameters()):
+        p_t.data.mul_(momentum).add_((1 - momentum) * p_s.detach().data)
+
+
+def count_blocking_constants(trainer: DINOTrainer, batch, kw) -> int:
+    """Calls of ``torch.tensor(..., device=...)`` during one step: on CUDA each is a
+    host-to-device copy from pageable memory that blocks the host until the GPU is idle."""
+    calls, original = [0], torch.tensor
+
+    def counting(*args, **kwargs):
+        if kwargs.get("device") is not None:
+            calls[0] += 1
+        return original(*args, **kwargs)
+
+    torch.tensor = counting
+    try:
+        trainer.step(batch, None, **kw)
+    finally:
+        torch.tensor = original
+    return calls[0]
+
+
+def measure(device: torch.device, batch: int, depth: int, rounds: int) -> list[dict]:
+    shape = SHAPES["cifar10"]
+    recipe = SEED.replace(batch_size=batch, depth=depth).validate()
+    cfg = ViTConfig(image_size=32, grid=8, in_chans=3, depth=depth)
+    crop = MultiCropConfig.from_recipe(recipe, 32, 4, shape.mean, shape.std)
+    trainer = DINOTrainer(recipe, cfg, crop, device=device, progress=False, log=lambda s: None)
+    ref = ReferenceTrainer(recipe, cfg, device=device)
+    timer, cuda = Timer(device), device.type == "cuda"
+    images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, device=device)
+    gen = torch.Generator(device).manual_seed(0)
+    crops = trainer.multicrop(images, gen)
+    kw = {"lr": 1e-4, "wd": 0.04, "momentum": 0.996, "teacher_temp": 0.05,
+          "freeze_last_layer": False}
+    rows = []
+
+    # Fused attention: ViT forward + backward on the global crops, bf16 on CUDA.
+    fused = trainer.student.backbone
+    explicit = use_explicit_attention_(copy.deepcopy(fused))
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
+
+    def fwd_bwd(model):
+        def run():
+            with amp:
+                out = model(crops[0])
+            out.float().square().mean().backward()
+        return run
+
+    rows.append(side_by_side("attention (ViT fwd+bwd, global crops)", "SDPA", "explicit",
+                             fwd_bwd(fused), fwd_bwd(explicit), rounds, timer))
+    if not cuda:  # CPU autocast: bf16 matmuls where the CPU has them (AVX512-BF16, AMX)
+        cpu_bf16 = torch.autocast("cpu", dtype=torch.bfloat16)
+
+        def fwd_bwd_bf16():
+            with cpu_bf16:
+                out = fused(crops[0])
+            out.float().square().mean().backward()
+
+        rows.append(side_by_side("CPU autocast (ViT fwd+bwd, global crops)", "bf16", "fp32",
+                                 fwd_bwd_bf16, fwd_bwd(fused), rounds, timer))
+    rows.append(side_by_side("teacher EMA", "torch._foreach_lerp_", "per-parameter loop",
+                             lambda: ema_update_(trainer.teacher, trainer.student, 0.996),
+                             lambda: ema_loop_(trainer.teacher, trainer.student, 0.996),
+                             rounds * 3, timer))
+    ds = ReferenceDataset(images.cpu(), ReferenceMultiCrop(crop, 3))
+    rows.append(side_by_side("multi-crop, per image", "batched on device",
+                             "PIL per image, one process",
+                             lambda: trainer.multicrop(images, gen),
+                             lambda: [ds[i] for i in range(batch)], rounds, timer, per=batch))
+    if not cuda:  # fused AdamW is what CUDA already uses; on a CPU it is opt-in
+        student = trainer.student
+        for p in student.parameters():
+            p.grad = torch.randn_like(p) * 1e-3
+        opts = [torch.optim.AdamW(param_groups(student), lr=1e-6, fused=f) for f in (True, False)]
+        rows.append(side_by_side("AdamW step", "fused", "foreach (default)", opts[0].step,
+                                 opts[1].step, rounds * 3, timer))
+    rows.append(side_by_side("whole step (same crops)", "DINOTrainer.step, multi-crop "
+                             "included", "reference step, crops ready",
+                             lambda: trainer.step(images, gen, **kw),
+                             lambda: ref.step(crops, **kw), rounds, timer))
+    rows.append({"lever": "blocking constant tensors per step",
+                 "count": count_blocking_constants(trainer, images, kw)})
+    return rows
+
+
+def table(rows: list[dict], env: dict) -> str:
+    lines = [f"{env['card']}, torch {env['torch']}", "",
+             "| lever | lever time | baseline | baseline time | speed-up (median, range) |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        if "count" in r:
+            lines.append(f"| {r['lever']} | {r['count']} | | | |")
+            continue
+        lines.append(f"| {r['lever']} | {r['a']}: {r['a_s'] * 1e3:.3f} ms | {r['b']} | "
+                     f"{r['b_s'] * 1e3:.3f} ms | {r['ratio']:.2f}x ({r['ratio_min']:.2f}-"
+                     f"{r['ratio_max']:.2f}, {r['rounds']} rounds) |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, default=None, help="default: 256 on CUDA, 8 on a CPU")
+    p.add_argument("--depth", type=int, default=12)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--json", default=None, help="also write the rows here")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = torch.device(a.device)
+    batch = a.batch or (256 if device.type == "cuda" else 8)
+    env = {**environment(device), "batch": batch, "depth": a.depth}
+    rows = measure(device, batch, a.depth, a.rounds)
+    print(f"levers at batch {batch}, depth {a.depth}, CIFAR-10 shapes, seed recipe")
+    print(table(rows, env))
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps({"env": env, "rows": rows}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,258 @@
+"""The bench command and the reference pipeline: FLOP counting, crop shapes, honesty of the
+comparison (same math, explicit attention), options, JSON output. No timing assertions:
+speed targets live in ``dinobench bench`` output and in benchmarks/ only."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from dinobench import bench, perf, reference
+from dinobench.config import SEED
+from dinobench.dino.multicrop import MultiCropConfig
+from dinobench.dino.train import DINOTrainer
+from dinobench.errors import ConfigError, UserError
+from dinobench.vit import ViT, ViTConfig
+
+CUDA = torch.cuda.is_available()
+
+
+def gpu(test):
+    """A correctness test on CUDA: selected by ``pytest -m gpu``, skipped without CUDA."""
+    return pytest.mark.gpu(pytest.mark.skipif(not CUDA, reason="needs a CUDA device")(test))
+
+
+def _tiny(head: str = "seed", channels: int = 3, **changes):
+    """A small recipe, ViT and crop config on CIFAR-10 shapes (8x8 patches of 4 px)."""
+    recipe = SEED.replace(dim=32, depth=2, heads=2, mlp_dim=64, batch_size=4, n_local=4,
+                          head=head, out_dim=16, head_hidden_dim=32, head_bottleneck_dim=8,
+                          **changes).validate()
+    cfg = ViTConfig(image_size=32, grid=8, in_chans=channels, dim=32, depth=2, heads=2,
+                    mlp_dim=64)
+    crop = MultiCropConfig.from_recipe(recipe, 32, 4, (0.5,) * channels, (0.25,) * channels)
+    return recipe, cfg, crop
+
+
+@pytest.mark.parametrize("head", ["seed", "official"])
+def test_counted_flops_match_the_formula(head):
+    recipe, cfg, crop = _tiny(head)
+    trainer = DINOTrainer(recipe, cfg, crop, progress=False, log=lambda s: None)
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    counted = perf.count_step_flops(trainer, images, torch.Generator().manual_seed(0),
+                                    lr=1e-4, wd=0.04, momentum=0.99, teacher_temp=0.05,
+                                    freeze_last_layer=False)
+    formula = perf.step_flops_formula(cfg, crop, trainer.student.head)
+    # The counter also sees the fused attention backward recompute the logits (torch
+    # counts that backward as 2.5 forwards, the formula as 2) and the loss's einsum.
+    g, n = crop.global_size // 4, crop.local_size // 4
+    attention = cfg.depth * 4 * cfg.dim * (crop.n_global * (1 + g * g) ** 2
+                                           + crop.n_local * (1 + n * n) ** 2)
+    assert counted["model"] == pytest.approx(formula + 0.5 * attention, rel=0.002)
+    assert counted["augmentation"] > 0  # the blur's convolutions
+    # The trainer is left as it was: its own multi-crop and forward functions.
+    assert trainer.multicrop.__class__.__name__ == "MultiCrop"
+    assert trainer.student_fwd is trainer.student
+
+
+def test_formula_is_the_documented_seed_count():
+    # DESIGN.md: about 10.2 GFLOP per image per step for the seed's ViT on CIFAR-10.
+    recipe = SEED
+    cfg = ViTConfig(image_size=32, grid=8, in_chans=3)
+    crop = MultiCropConfig.from_recipe(recipe, 32, 4, (0.5,) * 3, (0.25,) * 3)
+    head = torch.nn.Linear(192, 10)
+    assert perf.step_flops_formula(cfg, crop, head) == pytest.approx(10.2e9, rel=0.01)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_reference_crops_have_the_recipe_shapes_and_normalisation(channels):
+    _, _, crop = _tiny(channels=channels, jitter_p=0.0, grey_p=0.0, blur_p=(0.0, 0.0, 0.0),
+                       solarize_p=0.0)
+    images = torch.full((2, channels, 32, 32), 128, dtype=torch.uint8)
+    crops = reference.ReferenceDataset(images, reference.ReferenceMultiCrop(crop, channels))[1]
+    assert [tuple(c.shape) for c in crops] == ([(channels, 32, 32)] * 2
+                                               + [(channels, 16, 16)] * 4)
+    for c in crops:  # a flat image stays flat: ToTensor then Normalize(0.5, 0.25)
+        assert c.dtype == torch.float32
+        torch.testing.assert_close(c, torch.full_like(c, (128 / 255 - 0.5) / 0.25))
+
+
+def test_reference_loader_batches_are_crop_major():
+    _, _, crop = _tiny(jitter_p=0.0, grey_p=0.0, blur_p=(0.0, 0.0, 0.0), solarize_p=0.0)
+    values = torch.arange(8, dtype=torch.uint8) * 30  # one flat grey level per image
+    images = values.view(8, 1, 1, 1).expand(8, 3, 32, 32).contiguous()
+    loader = reference.make_loader(images, crop, 4, workers=0)
+    glob, local = reference.to_model_input(next(iter(loader)), crop.n_global,
+                                           torch.device("cpu"))
+    assert glob.shape == (2 * 4, 3, 32, 32) and local.shape == (4 * 4, 3, 16, 16)
+    level = glob[:, 0, 0, 0]
+    # Crop v of image b sits at row v * B + b: each view block holds the same images.
+    torch.testing.assert_close(level[:4], level[4:])
+    torch.testing.assert_close(local[:, 0, 0, 0].view(4, 4), level[:4].expand(4, 4))
+
+
+def test_reference_model_takes_the_explicit_attention_path(monkeypatch):
+    cfg = ViTConfig(image_size=32, grid=8, in_chans=3, dim=32, depth=2, heads=2, mlp_dim=64)
+    torch.manual_seed(0)
+    fused = ViT(cfg).eval()
+    explicit = reference.use_explicit_attention_(ViT(cfg).eval())
+    explicit.load_state_dict(fused.state_dict())  # same names, same values
+    x = torch.randn(3, 3, 32, 32)
+    torch.testing.assert_close(explicit(x), fused(x), rtol=1e-4, atol=1e-5)
+
+    def no_sdpa(*args, **kwargs):
+        raise AssertionError("fused attention called")
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", no_sdpa)
+    explicit(x)  # never reaches the fused kernel
+    with pytest.raises(AssertionError, match="fused attention"):
+        fused(x)
+
+
+def test_reference_step_is_the_same_math_as_dinobench():
+    # Without stochastic depth both trainers start equal; fed the same crops, one step
+    # must give the same loss and the same student (fp32 on a CPU).
+    recipe, cfg, crop = _tiny("official", drop_path=0.0)
+    ours = DINOTrainer(recipe, cfg, crop, seed=3, progress=False, log=lambda s: None)
+    ref = reference.ReferenceTrainer(recipe, cfg, device="cpu", seed=3)
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    crops = ours.multicrop(images, torch.Generator().manual_seed(1))
+    ours.multicrop = lambda batch, gen: crops
+    kw = {"lr": 1e-3, "wd": 0.04, "momentum": 0.9, "teacher_temp": 0.05,
+          "freeze_last_layer": False}
+    loss = ours.step(images, None, **kw)["loss"]
+    assert ref.step(crops, **kw) == pytest.approx(float(loss), rel=1e-5)
+    # Adam's first update is about lr * sign(grad) everywhere, so a few elements whose
+    # gradient is rounding noise (the key bias: softmax ignores it) may differ by a small
+    # fraction of lr; a different optimizer, lr or gradient would differ by about lr.
+    for (name, a), b in zip(ours.student.named_parameters(), ref.student.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0.02 * kw["lr"], msg=name)
+    torch.testing.assert_close(ours.center, ref.center)
+
+
+def test_options_are_checked():
+    with pytest.raises(ConfigError, match="--batch-size"):
+        bench.BenchOptions(device="cpu", batch_size=0).resolved()
+    with pytest.raises(ConfigError, match="--dataset-shape"):
+        bench.BenchOptions(device="cpu", dataset_shape="imagenet").resolved()
+    with pytest.raises(UserError, match="--device 'gpu0'"):
+        bench.BenchOptions(device="gpu0").resolved()
+    with pytest.raises(ConfigError, match="--depth"):
+        bench.BenchOptions(device="cpu", depth=0).resolved()
+    o = bench.BenchOptions(device="cpu").resolved()
+    assert (o.batch_size, o.compile) == (16, False)  # CPU defaults
+
+
+@pytest.mark.skipif(CUDA, reason="checks the message shown where CUDA is missing")
+def test_cuda_requested_without_cuda_is_a_user_error():
+    with pytest.raises(UserError, match="--device cpu"):
+        bench.BenchOptions(device="cuda").resolved()
+
+
+def _parse(argv, parser_class=argparse.ArgumentParser):
+    parser = argparse.ArgumentParser(prog="dinobench")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=parser_class)
+    p = bench.add_bench_parser(sub)
+    return p, parser.parse_args(["bench", *argv])
+
+
+def test_parser_uses_the_subparsers_class_and_maps_every_flag():
+    class Custom(argparse.ArgumentParser):
+        pass
+
+    p, args = _parse(["--device", "cpu", "--no-compile", "--batch-size", "8", "--depth", "2",
+                      "--compare", "--reference-workers", "1", "--no-reference-loader",
+                      "--knn", "--knn-train", "64", "--dataset-shape", "stl10"], Custom)
+    assert isinstance(p, Custom)
+    o = bench.options_from_args(args)
+    assert (o.device, o.compile, o.batch_size, o.depth, o.compare, o.reference_workers,
+            o.reference_loader, o.knn, o.knn_train, o.dataset_shape) == (
+        "cpu", False, 8, 2, True, 1, False, True, 64, "stl10")
+
+
+def test_run_bench_writes_one_complete_json(tmp_path, capsys):
+    _, args = _parse(["--device", "cpu", "--depth", "1", "--batch-size", "4", "--steps", "2",
+                      "--repeats", "2", "--warmup", "1", "--compare", "--reference-workers",
+                      "0", "--knn", "--knn-train", "64", "--knn-test", "16", "--out",
+                      str(tmp_path)])
+    assert bench.run_bench(args) == 0
+    files = list(tmp_path.iterdir())
+    assert len(files) == 1 and files[0].suffix == ".json"  # no temporary file left over
+    r = json.loads(files[0].read_text())
+    for key in ("card", "torch", "cuda", "batch_size", "images_per_s", "epoch_seconds",
+                "flop_per_image", "mfu", "peak_memory_bytes", "matmul_peak_flop_per_s"):
+        assert key in r, key
+    for key in ("images_per_s", "step_ms", "epoch_seconds", "flop_per_image", "mfu",
+                "peak_memory_bytes", "matmul_peak_flop_per_s", "speedup"):
+        assert r[key] > 0, key
+    assert len(r["images_per_s_repeats"]) == 2
+    assert r["epoch_seconds"] == pytest.approx(50_000 / r["images_per_s"])
+    assert r["mfu"] == pytest.approx(r["achieved_flop_per_s"] / r["matmul_peak_flop_per_s"])
+    assert r["speedup"] == pytest.approx(r["images_per_s"] / r["reference"]["images_per_s"])
+    assert r["reference"]["loader_images_per_s"] > 0 and r["knn"]["seconds"] > 0
+    out = capsys.readouterr().out
+    assert "| images/s |" in out and "| speed-up (same run, same device) |" in out
+
+
+def test_a_failing_compiler_falls_back_to_eager(monkeypatch, tmp_path):
+    def broken_compile(module, **kwargs):
+        def compiled(*args, **kw):
+            raise RuntimeError("no C++ compiler found")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    r = bench.bench(bench.BenchOptions(device="cpu", depth=1, batch_size=4, steps=1,
+                                       repeats=1, warmup=1, compile=True), log=lambda s: None)
+    assert r["compile"].startswith("failed, eager fallback (RuntimeError: no C++ compiler")
+    assert r["images_per_s"] > 0
+
+
+@gpu
+def test_cuda_step_makes_no_host_sync():
+    """The step must never make the host wait for the GPU (no .item(), no blocking
+    copies): that is what lets the CPU queue work ahead."""
+    recipe, cfg, crop = _tiny()
+    trainer = DINOTrainer(recipe, cfg, crop, device="cuda", progress=False, log=lambda s: None)
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, device="cuda")
+    gen = torch.Generator("cuda").manual_seed(0)
+    kw = {"lr": 1e-4, "wd": 0.04, "momentum": 0.99, "teacher_temp": 0.05,
+          "freeze_last_layer": False}
+    trainer.step(images, gen, **kw)  # first call: lazy initialisation may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        trainer.step(images, gen, **kw)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@gpu
+def test_explicit_and_fused_attention_agree_under_bf16_on_cuda():
+    cfg = ViTConfig(image_size=32, grid=8, in_chans=3)
+    fused = ViT(cfg).cuda().eval()
+    explicit = reference.use_explicit_attention_(ViT(cfg).cuda().eval())
+    explicit.load_state_dict(fused.state_dict())
+    x = torch.randn(64, 3, 32, 32, device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        a, b = fused(x).float(), explicit(x).float()
+    torch.testing.assert_close(a, b, rtol=0.05, atol=0.05)
+
+
+@gpu
+def test_bench_runs_compiled_on_cuda(tmp_path):
+    r = bench.bench(bench.BenchOptions(device="cuda", depth=1, batch_size=32, steps=3,
+                                       repeats=2, warmup=2, compile=True, out=tmp_path),
+                    log=lambda s: None)
+    assert r["compile"] == "on"
+    assert r["images_per_s"] > 0 and 0 < r["mfu"] < 1 and r["peak_memory_bytes"] > 0
+
+
+def test_precision_option_sets_the_step_autocast_and_the_peak_dtype():
+    r = bench.bench(bench.BenchOptions(device="cpu", depth=1, batch_size=4, steps=1,
+                                       repeats=1, warmup=1, precision="bf16"),
+                    log=lambda s: None)
+    assert r["autocast"] == "bfloat16" and r["matmul_peak_kind"].startswith("bfloat16")
+    with pytest.raises(ConfigError, match="--precision"):
+        bench.BenchOptions(device="cpu", precision="fp8").resolved()
