@@ -7,6 +7,12 @@ ViT, the recipes, and ``run`` (the same job as ``python -m dinobench run``).
 
 __version__ = "0.1.0"
 
+import torch as _torch  # noqa: E402
+
+from ._version_check import check_torch as _check_torch  # noqa: E402
+
+_check_torch(_torch.__version__)
+
 from .config import OFFICIAL, RECIPES, SEED, Recipe, get_recipe  # noqa: E402
 from .dino import (  # noqa: E402
     DINOHead,

@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Re-create results.md, results.csv and the figures "
                             "of a run folder from its results.json, without training.")
     report.add_argument("run_dir", metavar="DIR", help="a folder written by 'dinobench run'")
+    report.add_argument("--index", action="store_true",
+                        help="instead, write DIR/README.md: one summary table across every "
+                        "run folder under DIR")
     add_bench_parser(sub)
     return parser
 
@@ -182,9 +185,9 @@ def _bench(args: argparse.Namespace) -> None:
 
 
 def _report(args: argparse.Namespace) -> None:
-    from .report import rebuild
+    from .report import rebuild, write_index
 
-    print(rebuild(args.run_dir), end="")
+    print((write_index if args.index else rebuild)(args.run_dir), end="")
 
 
 def main(argv: list[str] | None = None) -> int:

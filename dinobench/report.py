@@ -287,13 +287,13 @@ def rebuild(out_dir: str | Path) -> str:
 
 
 def index_markdown(root: str | Path) -> str:
-    """One summary table across every run folder under ``root`` (each holding a
-    results.json), a line per (run, dataset, model)."""
+    """One summary table across every run folder under ``root`` (any depth; each holding
+    a results.json), a line per (run, dataset, model)."""
     root = Path(root)
     summary = []
-    for path in sorted(root.glob("*/results.json")):
-        summary += [{**s, "run": path.parent.name}
-                    for s in summarize(load_results(path.parent)["rows"])]
+    for path in sorted(root.glob("**/results.json")):
+        run = path.parent.relative_to(root).as_posix()
+        summary += [{**s, "run": run} for s in summarize(load_results(path.parent)["rows"])]
     table = summary_table(summary, leading=("run",))
     if not table:
         return ""

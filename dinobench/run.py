@@ -40,7 +40,7 @@ from .experiments import (
     merge_figures,
     random_init_like,
 )
-from .report import write_index, write_results
+from .report import write_results
 from .runfolder import RunFolder
 from .signals import StopOnSignal
 from .vit import ViTConfig
@@ -211,8 +211,8 @@ def run_unit(ds: Dataset, seed: int, opts: RunOptions, folder: RunFolder, device
                              stop.signum) from None
 
     model = f"dino-{recipe.name}"
-    context = {"recipe": recipe.name, "epochs": recipe.epochs,
-               "n_train": int(ds.pretrain_images.shape[0]),
+    context = {"recipe": recipe.name, "profile": opts.profile_name(ds.name),
+               "epochs": recipe.epochs, "n_train": int(ds.pretrain_images.shape[0]),
                "n_test": int(ds.test_images.shape[0]), "device": device_name(device),
                "image_size": cfg.image_size, "grid": cfg.grid}
     if ds.name in COMPOSITES:
@@ -336,7 +336,5 @@ def run(opts: RunOptions | None = None, log: Callable[[str], None] = print) -> l
             "seconds": round(time.perf_counter() - t0, 1),
         }
         md = write_results(folder.path, rows, meta, figures)
-        if folder.path.parent.name == "results":
-            write_index(folder.path.parent)
     log(f"\n{md}\nwrote {folder.path}/results.{{json,csv,md}} and figures")
     return rows

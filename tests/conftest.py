@@ -1,4 +1,4 @@
-"""Shared fixtures for the DINO core tests: a fixed seed and a tiny recipe/ViT pair."""
+"""Shared fixtures: one intra-op thread, a fixed seed, a tiny recipe/ViT pair."""
 
 from __future__ import annotations
 

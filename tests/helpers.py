@@ -11,6 +11,9 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+# The real MNIST and CIFAR-10 copies (Keras .npz), beside the repository; tests that read
+# them are marked real_data and skip with the reason when they are absent.
+REAL_DATA = REPO.parent / "shared" / "data"
 
 # A ViT small enough that a digits epoch takes well under a second on one core.
 TINY = ["--depth", "1", "--dim", "32", "--heads", "2", "--mlp-dim", "64",

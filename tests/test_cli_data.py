@@ -27,8 +27,7 @@ from test_data_layouts import (
 )
 
 from dinobench.cli import main
-
-REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from helpers import REAL_DATA
 
 
 def mnist_npz(data_dir: Path, **changes) -> Path:

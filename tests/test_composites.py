@@ -1,6 +1,5 @@
 """MNIST composites: exact masks, the blend formula, seeded layouts, clear errors."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,19 +13,9 @@ from dinobench.data.composites import (
     place_digits,
 )
 from dinobench.errors import DataError
+from helpers import REAL_DATA
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 real_data = pytest.mark.real_data
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Toy-sized tensors: a single intra-op thread avoids thread-pool overhead (large on
-    a shared machine) and changes no result."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def square_tile(n: int = 1) -> torch.Tensor:
@@ -137,11 +126,11 @@ def test_unknown_or_missing_backgrounds_are_clear_errors(tmp_path):
 
 @real_data
 def test_real_mnist_composites():
-    if not (DATA / "mnist.npz").is_file():
-        pytest.skip(f"real MNIST absent: {DATA / 'mnist.npz'}")
-    y_all = np.load(DATA / "mnist.npz")["y_test"]
+    if not (REAL_DATA / "mnist.npz").is_file():
+        pytest.skip(f"real MNIST absent: {REAL_DATA / 'mnist.npz'}")
+    y_all = np.load(REAL_DATA / "mnist.npz")["y_test"]
     for size in (32, 96):
-        ds = composite_dataset("natural", size, data_dir=DATA, n_train=40, n_test=30)
+        ds = composite_dataset("natural", size, data_dir=REAL_DATA, n_train=40, n_test=30)
         assert ds.test_images.shape == (30, 3, size, size)
         # Digits keep their labels (in the test-split subset the seed picks).
         idx = torch.randperm(len(y_all), generator=torch.Generator().manual_seed(10_000))[:30]

@@ -6,14 +6,11 @@ expected numbers are the published ones, not values read from the package.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from dinobench.data import load_dataset
-
-REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from helpers import REAL_DATA
 
 pytestmark = pytest.mark.real_data
 

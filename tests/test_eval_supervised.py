@@ -20,16 +20,6 @@ CFG = ViTConfig(image_size=8, grid=2, in_chans=1, dim=16, depth=1, heads=2, mlp_
 CROPS = MultiCropConfig(global_size=8, local_size=4, mean=(0.5,), std=(0.3,))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Toy-sized tensors: a single intra-op thread avoids thread-pool overhead (large on
-    a shared machine) and changes no result."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def dark_or_bright(n: int, seed: int):
     """Class 0: dark images, class 1: bright ones (any crop shows the class)."""
     gen = torch.Generator().manual_seed(seed)

@@ -35,19 +35,9 @@ from dinobench.experiments import (
 from dinobench.figures import uint8_images
 from dinobench.report import rebuild, to_markdown, write_index, write_results
 from dinobench.vit import ViTConfig
+from helpers import REAL_DATA
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 EVAL = EvalConfig(probe_cs=(0.1, 1.0), batch_size=128)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Toy-sized tensors: a single intra-op thread avoids thread-pool overhead (large on
-    a shared machine) and changes no result."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def subset(ds: Dataset, n_train: int, n_test: int) -> Dataset:
@@ -209,7 +199,7 @@ def test_pipeline_writes_every_table_and_figure_and_rebuilds(tmp_path):
 
 def mnist_dataset(n_train: int, n_test: int) -> Dataset:
     """Real MNIST as the seed ran it: padded to 32x32, a 4x4 grid of 8-px patches."""
-    data = np.load(DATA / "mnist.npz")
+    data = np.load(REAL_DATA / "mnist.npz")
     pad = lambda x: F.pad(torch.from_numpy(x)[:, None], (2, 2, 2, 2))  # (N, 1, 32, 32)
     spec = DatasetSpec("mnist", 32, 4, 1, (0.1,), (0.29,), tuple("0123456789"), 200)
     return Dataset(spec, pad(data["x_train"][:n_train]),
@@ -220,14 +210,14 @@ def mnist_dataset(n_train: int, n_test: int) -> Dataset:
 
 @pytest.mark.real_data
 def test_real_mnist_pipeline(tmp_path):
-    if not (DATA / "mnist.npz").is_file():
-        pytest.skip(f"real MNIST absent: {DATA / 'mnist.npz'}")
-    backgrounds = ("none", "cifar10", "natural") if (DATA / "cifar10.npz").is_file() \
+    if not (REAL_DATA / "mnist.npz").is_file():
+        pytest.skip(f"real MNIST absent: {REAL_DATA / 'mnist.npz'}")
+    backgrounds = ("none", "cifar10", "natural") if (REAL_DATA / "cifar10.npz").is_file() \
         else ("none", "natural")
     out = tmp_path / "mnist-run"
-    rows, _ = run_pipeline(mnist_dataset(500, 200), DATA, out, backgrounds, (32,), (64, 32))
+    rows, _ = run_pipeline(mnist_dataset(500, 200), REAL_DATA, out, backgrounds, (32,), (64, 32))
     check_outputs(out, rows, ["mnist"] + [f"mnist-{b}-32" for b in backgrounds])
-    ds = composite_dataset("none", 32, data_dir=DATA, n_train=1, n_test=32)
+    ds = composite_dataset("none", 32, data_dir=REAL_DATA, n_train=1, n_test=32)
     assert torch.equal(foreground_masks(ds), ds.test_masks)
 
 
