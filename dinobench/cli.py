@@ -36,11 +36,14 @@ def _recipe_flag_type(f: dataclasses.Field):
 def _add_recipe_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "recipe fields", "override any field of the chosen recipe; defaults shown as "
-        "seed / official")
+        "seed / official, then what the quick profile (the default for digits) uses")
     for f in recipe_fields():
         seed_v, off_v = (getattr(RECIPES[n], f.name) for n in ("seed", "official"))
         shown = f"{seed_v}" if seed_v == off_v else f"{seed_v} / {off_v}"
-        shown = "per dataset" if seed_v is None else shown
+        if seed_v is None or f.name == "epochs":
+            shown = "per dataset"
+        if f.name in PROFILES["quick"].changes:
+            shown += f"; quick profile: {PROFILES['quick'].changes[f.name]}"
         group.add_argument(f"--{f.name.replace('_', '-')}", dest=f"recipe.{f.name}",
                            default=None, help=f"{f.metadata['help']} (default: {shown})",
                            **_recipe_flag_type(f))

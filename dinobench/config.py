@@ -51,7 +51,8 @@ class Recipe:
     center_momentum: float = _f(0.9, "m in c <- m c + (1 - m) mean(teacher outputs)")
     teacher_momentum: float = _f(0.996, "lambda at step 0; cosine schedule to 1")
     # --- optimisation (AdamW) ---
-    epochs: int = _f(100, "training epochs over the pre-training images")
+    epochs: int = _f(100, "training epochs over the pre-training images (the seed's: "
+                          "MNIST 200, CIFAR-10 and STL-10 1000)")
     batch_size: int = _f(256, "images per step (each gives n_global + n_local crops)")
     lr: float = _f(5e-4, "peak learning rate per 256 images; scaled linearly with batch_size")
     min_lr: float = _f(1e-6, "end of the cosine decay")
@@ -128,9 +129,13 @@ class Recipe:
              f"--blur-sigma must satisfy 0 < low <= high, got {self.blur_sigma}")
         need(all(j >= 0 for j in self.jitter) and self.jitter[3] <= 0.5,
              f"--jitter needs non-negative strengths and hue <= 0.5, got {self.jitter}")
-        if self.image_size is not None or self.grid is not None:
-            need((self.image_size or 1) >= 1 and (self.grid or 1) >= 1,
-                 "--image-size and --grid must be positive")
+        for f in ("image_size", "grid"):
+            v = getattr(self, f)
+            need(v is None or v >= 1, f"--{_flag(f)} must be at least 1, got {v}")
+        need(all(math.isfinite(v) for v in (*self.blur_sigma, self.local_size_ratio,
+                                             *self.jitter, self.clip_grad, self.min_lr,
+                                             self.weight_decay, self.weight_decay_end)),
+             "recipe values must be finite numbers (no inf or nan)")
         return self
 
 

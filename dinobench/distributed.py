@@ -31,6 +31,7 @@ class DistInfo:
 
 
 SINGLE = DistInfo()
+_HOST_GROUP = None  # a gloo group for host-side agreement (the stop flag), any backend
 
 
 def launched_by_torchrun() -> bool:
@@ -45,8 +46,11 @@ def init(device: str | None) -> tuple[DistInfo, str | None]:
     info = DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
                     int(os.environ.get("LOCAL_RANK", 0)))
     use_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    global _HOST_GROUP
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
+    # Collective on every rank, here, so that no rank creates it late.
+    _HOST_GROUP = dist.new_group(backend="gloo")
     if use_cuda:
         torch.cuda.set_device(info.local_rank)
         device = f"cuda:{info.local_rank}"
@@ -82,6 +86,31 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     parts = [t.new_empty((max(sizes),) + tuple(t.shape[1:])) for _ in range(world)]
     dist.all_gather(parts, torch.cat([t, pad]))
     return torch.cat([p[:s] for p, s in zip(parts, sizes)])
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is true on any rank (every rank must call it at the same point).
+    A CPU all-reduce on a gloo group: it never waits for the GPU."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_HOST_GROUP)
+    return bool(t.item())
+
+
+def min_over_ranks_(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t
+
+
+def gather_objects(obj) -> list:
+    """``obj`` of every rank, in rank order (``[obj]`` in one process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def barrier() -> None:

@@ -265,12 +265,12 @@ def dino_curve(dataset: str, model: str, history: list[dict], seed: int) -> dict
 
 def dino_epoch_evaluator(ds: Dataset, *, every: int, epochs: int, cfg: EvalConfig =
                          DEFAULT_EVAL, labelled: torch.Tensor | None = None,
-                         probe: bool = False, device=None
-                         ) -> Callable[[int, object], dict | None]:
+                         probe: bool = False, device=None, k: int = 20,
+                         temperature: float = 0.07) -> Callable[[int, object], dict | None]:
     """``on_epoch_end`` hook for :class:`DINOTrainer`: every ``every`` epochs and at the
-    last, k-NN top-1 (k 20, T 0.07) of the teacher, and with ``probe`` a linear probe on
-    the ``labelled`` train images (one C = 1.0, to stay cheap; the final probe searches
-    the grid) giving ``probe_train_top1`` and ``probe_top1``."""
+    last, k-NN top-1 of the teacher (``k``, ``temperature``), and with ``probe`` a linear
+    probe on the ``labelled`` train images (one C = 1.0, to stay cheap; the final probe
+    searches the grid) giving ``probe_train_top1`` and ``probe_top1``."""
     if every < 1:
         raise ValueError(f"--eval-every must be at least 1, got {every}")
 
@@ -283,8 +283,8 @@ def dino_epoch_evaluator(ds: Dataset, *, every: int, epochs: int, cfg: EvalConfi
                                  batch_size=cfg.batch_size, device=device)
         test = extract_features(backbone, ds.test_images, mean, std,
                                 batch_size=cfg.batch_size, device=device)
-        out = {"knn_top1": knn_top1(train, ds.train_labels, test, ds.test_labels,
-                                    num_classes=ds.spec.num_classes)}
+        out = {"knn_top1": knn_top1(train, ds.train_labels, test, ds.test_labels, k=k,
+                                    temperature=temperature, num_classes=ds.spec.num_classes)}
         if probe:
             idx = labelled if labelled is not None else torch.arange(len(ds.train_labels))
             p = linear_probe(train.cpu()[idx], ds.train_labels[idx], test.cpu(),

@@ -268,13 +268,19 @@ def load_results(out_dir: str | Path) -> dict:
     path = Path(out_dir) / "results.json"
     try:
         data = json.loads(path.read_text())
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         raise UserError(f"{path} does not exist; point 'report' at a folder written by "
                         "'dinobench run'") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not valid JSON ({e}); rerun the job that wrote it") from None
-    if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
-        raise UserError(f"{path} has no 'rows' list; it was not written by dinobench")
+    rows = data.get("rows") if isinstance(data, dict) else None
+    if not isinstance(rows, list) or not all(
+            isinstance(r, dict) and {"dataset", "model", "metric", "value"} <= r.keys()
+            for r in rows):
+        raise UserError(f"{path} has no list of result rows (dataset, model, metric, value); "
+                        "it was not written by dinobench")
     return data
 
 

@@ -36,6 +36,7 @@ from .experiments import (
     dino_curve,
     dino_epoch_evaluator,
     evaluate_models,
+    knn_metric,
     label_budget_comparison,
     merge_figures,
     random_init_like,
@@ -125,6 +126,21 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def resolve_device(name: str | None) -> torch.device:
+    """``--device`` as a torch device that exists here, or a :class:`ConfigError`."""
+    try:
+        device = torch.device(name or default_device())
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a torch device; use cpu, cuda or "
+                          "cuda:N") from None
+    if device.type == "cuda" and not (torch.cuda.is_available() and (
+            device.index or 0) < torch.cuda.device_count()):
+        raise ConfigError(f"--device {name}: no such CUDA device here; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name}: only cpu and cuda devices are supported")
+    return device
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -146,7 +162,10 @@ def set_deterministic() -> None:
 
 
 def evaluation_config(opts: RunOptions) -> EvalConfig:
-    return EvalConfig(knn=((opts.knn_k, opts.knn_temperature), (200, 0.1)), probe=opts.probe,
+    # The headline (k, T) first, then the k 200 / T 0.1 setting of other published tables
+    # (once, if the headline is that setting).
+    knn = tuple(dict.fromkeys(((opts.knn_k, opts.knn_temperature), (200, 0.1))))
+    return EvalConfig(knn=knn, probe=opts.probe,
                       n_last_blocks=opts.n_last_blocks,
                       attention_images=opts.attention_images)
 
@@ -179,7 +198,8 @@ def run_unit(ds: Dataset, seed: int, opts: RunOptions, folder: RunFolder, device
                                            ds.spec.mean, ds.spec.std)
     every = eval_every(opts, ds.name, recipe.epochs)
     on_epoch_end = (dino_epoch_evaluator(ds, every=every, epochs=recipe.epochs,
-                                         cfg=evaluation_config(opts), device=device)
+                                         cfg=evaluation_config(opts), device=device,
+                                         k=opts.knn_k, temperature=opts.knn_temperature)
                     if every else None)
     trainer = DINOTrainer(recipe, cfg, crop_cfg, device=device, seed=seed,
                           compile=opts.compile, log_path=folder.train_log(ds.name, seed),
@@ -187,7 +207,8 @@ def run_unit(ds: Dataset, seed: int, opts: RunOptions, folder: RunFolder, device
                           on_epoch_end=on_epoch_end)
     identity = {"dataset": ds.name, "n_images": int(ds.pretrain_images.shape[0]),
                 "fingerprint": checkpoint.fingerprint(ds.pretrain_images), "seed": seed,
-                "world_size": info.world_size, "recipe": dataclasses.asdict(recipe),
+                "world_size": info.world_size, "device": device.type,
+                "recipe": dataclasses.asdict(recipe),
                 "vit": dataclasses.asdict(cfg)}
     ckpt_path = folder.checkpoint(ds.name, seed)
     if opts.resume and ckpt_path.exists():
@@ -198,8 +219,9 @@ def run_unit(ds: Dataset, seed: int, opts: RunOptions, folder: RunFolder, device
             f"step {trainer.step_count} from {ckpt_path}")
 
     def save(tr: DINOTrainer) -> None:
+        state = tr.state_dict()  # collective under torchrun: every rank calls it
         if info.is_main:
-            checkpoint.save(ckpt_path, identity, tr.state_dict())
+            checkpoint.save(ckpt_path, identity, state)
 
     try:
         result = trainer.fit(ds.pretrain_images, checkpoint=save,
@@ -237,7 +259,8 @@ def run_unit(ds: Dataset, seed: int, opts: RunOptions, folder: RunFolder, device
     rows = e_rows + rows
     figures = merge_figures(figures, e_figures)
 
-    knn = next(r["value"] for r in rows if r["model"] == model and r["metric"] == "knn_top1")
+    headline = knn_metric(opts.knn_k, opts.knn_temperature)
+    knn = next(r["value"] for r in rows if r["model"] == model and r["metric"] == headline)
     collapsed = result.collapsed or (
         f"k-NN top-1 {knn:.2f}% is at chance" if knn_at_chance(
             knn, ds.spec.num_classes) else None)
@@ -246,12 +269,12 @@ def run_unit(ds: Dataset, seed: int, opts: RunOptions, folder: RunFolder, device
         r["collapse_reason"] = (collapsed or "") if r["model"] == model else ""
     train_seconds = round(sum(h["seconds"] for h in result.history), 3)
     for r in rows:
-        if r["model"] == model and r["metric"] == "knn_top1":
+        if r["model"] == model and r["metric"] == headline:
             r["train_seconds"] = train_seconds
     if collapsed:
         log(f"[{ds.name}] seed {seed}: WARNING collapsed: {collapsed}")
     random_knn = next(r["value"] for r in rows
-                      if r["model"] == "random-init" and r["metric"] == "knn_top1")
+                      if r["model"] == "random-init" and r["metric"] == headline)
     log(f"[{ds.name}] seed {seed}: k-NN top-1 {knn:.2f}% (DINO teacher) vs "
         f"{random_knn:.2f}% (random init); trained in {train_seconds:.1f} s")
     unit = {"rows": rows, "figures": figures, "recipe": dataclasses.asdict(recipe)}
@@ -266,6 +289,10 @@ def check_options(opts: RunOptions) -> None:
         raise ConfigError("--datasets needs at least one name")
     if not opts.seeds:
         raise ConfigError("--seeds needs at least one seed")
+    if any(seed < 0 for seed in opts.seeds) or len(set(opts.seeds)) != len(opts.seeds):
+        raise ConfigError(f"--seeds must be distinct non-negative integers, got "
+                          f"{' '.join(map(str, opts.seeds))}")
+    resolve_device(opts.device)
     if opts.resume and opts.restart:
         raise ConfigError("--resume and --restart contradict each other; pick one")
     if opts.checkpoint_every < 0:
@@ -281,6 +308,19 @@ def check_options(opts: RunOptions) -> None:
         if recipe.batch_size % world or recipe.batch_size // world < 2:
             raise ConfigError(f"--batch-size {recipe.batch_size} must be a multiple of the "
                               f"{world} processes, with at least 2 images per process")
+        if not 1 <= opts.n_last_blocks <= recipe.depth:
+            raise ConfigError(f"--n-last-blocks {opts.n_last_blocks} must lie in [1, "
+                              f"--depth {recipe.depth}]")
+
+
+def check_data(opts: RunOptions, datasets: list[Dataset]) -> None:
+    """Checks that need the loaded data, still before anything is written."""
+    for ds in datasets:
+        recipe = resolve_recipe(opts, ds.name, ds.spec.epochs)
+        n = ds.pretrain_images.shape[0]
+        if n < recipe.batch_size:
+            raise ConfigError(f"--batch-size {recipe.batch_size} exceeds the {n:,} "
+                              f"pre-training images of {ds.name}; lower --batch-size")
 
 
 def default_out(opts: RunOptions) -> Path:
@@ -311,6 +351,7 @@ def run(opts: RunOptions | None = None, log: Callable[[str], None] = print) -> l
         set_deterministic()
     folder = RunFolder(Path(opts.out) if opts.out else default_out(opts))
     datasets = [load_dataset(name, **opts.data_kwargs()) for name in opts.datasets]
+    check_data(opts, datasets)
     t0 = time.perf_counter()
     rows, figures, recipes = [], {}, {}
     with folder if info.is_main else contextlib.nullcontext(), StopOnSignal() as stop:
@@ -321,11 +362,16 @@ def run(opts: RunOptions | None = None, log: Callable[[str], None] = print) -> l
             log(f"[{ds.name}] {ds.pretrain_images.shape[0]:,} pre-training images, "
                 f"{ds.test_images.shape[0]:,} test, on {device}")
             for seed in opts.seeds:
+                if stop.requested():  # a signal that came during evaluation
+                    raise RunInterrupted(f"stopped by signal {stop.signum} before "
+                                         f"{ds.name} seed {seed}; continue with the same "
+                                         "command plus --resume", stop.signum)
                 unit = run_unit(ds, seed, opts, folder, device, info, stop, log)
                 rows += unit["rows"]
                 recipes[ds.name] = unit["recipe"]
                 figures = merge_figures(figures, unit["figures"])
         if not info.is_main:
+            distrib.shutdown()
             return rows
         meta = {
             "command": " ".join(sys.argv), "datasets": list(opts.datasets),
@@ -336,5 +382,6 @@ def run(opts: RunOptions | None = None, log: Callable[[str], None] = print) -> l
             "seconds": round(time.perf_counter() - t0, 1),
         }
         md = write_results(folder.path, rows, meta, figures)
+    distrib.shutdown()
     log(f"\n{md}\nwrote {folder.path}/results.{{json,csv,md}} and figures")
     return rows

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared GPU check of dinobench: one call, under 10 minutes, on one CUDA card.
+# The prepared GPU check of dinobench: one run, under 10 minutes, on one CUDA card.
 #
 #   1. correctness tests on CUDA          python3 -m pytest -m gpu -q tests
 #   2. bench --compare, batch 256         CIFAR-10 shapes, seed recipe, torch.compile

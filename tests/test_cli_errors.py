@@ -27,6 +27,14 @@ BAD_FLAGS = [
     (["--epochs", "abc"], "invalid int value: 'abc'"),
     (["--resume", "--restart"], "contradict"),
     (["--profile", "fast"], "invalid choice: 'fast'"),
+    (["--device", "foo"], "--device 'foo' is not a torch device"),
+    (["--seeds", "-1"], "--seeds must be distinct non-negative integers"),
+    (["--seeds", "3", "3"], "--seeds must be distinct non-negative integers"),
+    (["--depth", "1", "--n-last-blocks", "2"], "--n-last-blocks 2 must lie in [1, --depth 1]"),
+    (["--batch-size", "4096"], "--batch-size 4096 exceeds the 1,347 pre-training images"),
+    (["--image-size", "0"], "--image-size must be at least 1"),
+    (["--blur-sigma", "0.1", "inf"], "finite"),
+    (["--knn-k", "0"], "--knn-k must be at least 1"),
 ]
 
 
@@ -112,3 +120,36 @@ def test_second_run_into_the_same_folder_is_refused(tmp_path, capsys):
 def test_report_on_a_folder_without_results(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "results.json" in one_line_error(capsys.readouterr().err)
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a run folder")
+    assert main(["report", str(a_file)]) == 2
+    assert "does not exist" in one_line_error(capsys.readouterr().err)
+
+
+def test_report_on_foreign_json(tmp_path, capsys):
+    (tmp_path / "results.json").write_text('{"rows": [{"dataset": "x"}]}')
+    assert main(["report", str(tmp_path)]) == 2
+    assert "not written by dinobench" in one_line_error(capsys.readouterr().err)
+
+
+def test_a_finished_run_survives_a_rerun_that_fails_validation(tmp_path, capsys):
+    """Validation that needs the data (batch larger than the dataset) happens before the
+    run folder is touched, so the previous run's results stay."""
+    out = tmp_path / "run"
+    assert main(["run", *TINY, "--epochs", "1", "--out", str(out)]) == 0
+    before = (out / "results.json").read_bytes()
+    capsys.readouterr()
+    assert main(["run", *TINY, "--epochs", "1", "--batch-size", "4096", "--out",
+                 str(out)]) == 2
+    assert "exceeds" in one_line_error(capsys.readouterr().err)
+    assert (out / "results.json").read_bytes() == before
+    assert list((out / "checkpoints").glob("*.pt"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_cuda_requested_without_a_gpu(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "--device", "cuda", "--out", str(out)]) == 2
+    assert "no such CUDA device here; use --device cpu" in one_line_error(
+        capsys.readouterr().err)
+    assert not out.exists()

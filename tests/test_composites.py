@@ -12,6 +12,7 @@ from dinobench.data.composites import (
     natural_photos,
     place_digits,
 )
+from dinobench.data.subsets import stratified_indices
 from dinobench.errors import DataError
 from helpers import REAL_DATA
 
@@ -132,8 +133,12 @@ def test_real_mnist_composites():
     for size in (32, 96):
         ds = composite_dataset("natural", size, data_dir=REAL_DATA, n_train=40, n_test=30)
         assert ds.test_images.shape == (30, 3, size, size)
-        # Digits keep their labels (in the test-split subset the seed picks).
-        idx = torch.randperm(len(y_all), generator=torch.Generator().manual_seed(10_000))[:30]
-        assert ds.test_labels.tolist() == y_all[idx.numpy()].tolist()
+        # Digits keep their labels: the test composites are the rows of a stratified
+        # subset drawn with the test split's seed, each labelled with its own digit.
+        rows = stratified_indices(y_all, 30, np.random.default_rng(10_000))
+        assert ds.test_labels.tolist() == y_all[rows].tolist()
+        counts = np.bincount(ds.test_labels.numpy(), minlength=10)
+        share = 30 * np.bincount(y_all, minlength=10) / len(y_all)
+        assert np.all(np.abs(counts - share) < 1)  # each class keeps its share
         frac = ds.test_masks.float().mean().item()
         assert 0.03 < frac < 0.25  # a digit, not the whole canvas nor nothing

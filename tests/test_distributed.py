@@ -9,8 +9,11 @@ solarisation) and no drop path: then the only difference is how the batch is spl
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -66,3 +69,45 @@ def test_batch_must_split_evenly_across_processes(tmp_path):
         capture_output=True, text=True, env=cli_env(), cwd=REPO, timeout=300)
     assert two.returncode != 0
     assert "multiple of the 2 processes" in two.stderr
+
+
+def _torchrun(*args):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            "--nproc_per_node=2", "-m", "dinobench", "run", *args]
+
+
+def test_sigterm_stops_every_rank_together_and_resume_is_exact(tmp_path):
+    """A signal stops both processes at the same step (an agreement over a gloo group),
+    each rank's random streams go into the checkpoint, and a resumed two-process run
+    ends bit-identical to one left alone."""
+    flags = [*TINY, "--epochs", "4", "--checkpoint-every", "1", "--deterministic",
+             "--device", "cpu", "--drop-path", "0.1"]
+    alone, stopped = tmp_path / "alone", tmp_path / "stopped"
+    done = subprocess.run(_torchrun(*flags, "--out", str(alone)), capture_output=True,
+                          text=True, env=cli_env(), cwd=REPO, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    proc = subprocess.Popen(_torchrun(*flags, "--out", str(stopped)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=cli_env(), cwd=REPO, start_new_session=True)
+    log = stopped / "train_digits_seed0.jsonl"
+    t0 = time.monotonic()
+    while not (log.exists() and log.read_text().count("\n") >= 1):
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        assert time.monotonic() - t0 < 300
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGTERM)  # the launcher and both workers
+    proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    state = trainer_state(stopped)
+    assert len(state["ranks"]) == 2 and state["epoch"] < 4
+
+    resumed = subprocess.run(_torchrun(*flags, "--out", str(stopped), "--resume"),
+                             capture_output=True, text=True, env=cli_env(), cwd=REPO,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = trainer_state(alone), trainer_state(stopped)
+    for part in ("student", "teacher"):
+        for name, t in a[part].items():
+            assert torch.equal(b[part][name], t), f"{part}.{name} differs"
+    assert torch.equal(a["center"], b["center"])

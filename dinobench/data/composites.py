@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from ..errors import DataError
 from .registry import Dataset, DatasetSpec
+from .subsets import stratified_indices
 
 BACKGROUNDS = ("none", "cifar10", "natural")
 SIZES = (32, 64, 96)
@@ -179,10 +180,14 @@ def _read_npz(path: str, mtime_ns: int, keys: tuple[str, ...]) -> dict[str, np.n
         return {k: f[k] for k in keys}  # shared by the cache's callers: read only
 
 
-def _subset(n_total: int, n: int | None, seed: int) -> torch.Tensor:
-    if n is None or n >= n_total:
-        return torch.arange(n_total)
-    return torch.randperm(n_total, generator=torch.Generator().manual_seed(seed))[:n]
+def _subset(labels: np.ndarray, n: int | None, seed: int, split: str) -> torch.Tensor:
+    """All rows, or a stratified seeded subset of ``n`` (an error when ``n`` is out of
+    range, as for every other dataset)."""
+    if n is None:
+        return torch.arange(len(labels))
+    rows = stratified_indices(labels, n, np.random.default_rng(seed),
+                              flag=f"--{split}-subset", what=f"MNIST {split} images")
+    return torch.from_numpy(rows)
 
 
 def composite_dataset(background: str, size: int, *, data_dir: str | Path | None = None,
@@ -212,7 +217,7 @@ def composite_dataset(background: str, size: int, *, data_dir: str | Path | None
     parts = {}
     for split, n, offset in (("train", n_train, 0), ("test", n_test, 10_000)):
         x, y = mnist[f"x_{split}"], mnist[f"y_{split}"]
-        idx = _subset(len(y), n, seed + offset)
+        idx = _subset(y, n, seed + offset, split)
         # Separate seeds per split so test positions and backgrounds are fresh draws.
         parts[split] = composite(torch.from_numpy(x)[idx], background, size,
                                  seed=seed + offset, background_images=bg[split],

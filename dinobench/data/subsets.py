@@ -1,4 +1,4 @@
-"""Seeded subsets of a split, so that a run fits a CPU or a short GPU lease.
+"""Seeded subsets of a split, so that a run fits a CPU or a short GPU job.
 
 Pure functions from labels (or a count) and a numpy ``Generator`` to sorted row indices;
 the same seed gives the same rows on every machine. A request larger than what is there

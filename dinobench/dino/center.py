@@ -22,10 +22,9 @@ def update_center(center: torch.Tensor, teacher_logits: torch.Tensor,
         raise ValueError(f"center momentum must lie in [0, 1], got {momentum}")
     rows = teacher_logits.detach().float()
     batch_sum = rows.sum(dim=0)
-    # torch.full launches a fill kernel; torch.tensor(...) would be a blocking copy on CUDA.
-    count = torch.full((), float(rows.shape[0]), device=rows.device)
+    count = rows.shape[0]  # known on the host: no tensor, no copy
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(batch_sum)
-        dist.all_reduce(count)
+        dist.all_reduce(batch_sum)  # every rank holds the same number of rows
+        count *= dist.get_world_size()
     batch_mean = (batch_sum / count).reshape(center.shape)
     return center.float() * momentum + batch_mean * (1.0 - momentum)

@@ -9,15 +9,13 @@ left out of means, never averaged in silently.
 
 from __future__ import annotations
 
-from ..config import Recipe
-
 
 class TrainingError(Exception):
     """The run cannot go on (its message says why and what to change)."""
 
 
 class NonFiniteLoss(TrainingError):
-    def __init__(self, step: int, recipe: Recipe):
+    def __init__(self, step: int):
         self.step = step
         super().__init__(
             f"the loss became non-finite (NaN or inf) at step {step}; training stopped and "

@@ -28,7 +28,14 @@ from tqdm.auto import tqdm
 
 from ..config import Recipe
 from ..data.device import DeviceImages
-from ..distributed import SINGLE, DistInfo, all_reduce_sum_
+from ..distributed import (
+    SINGLE,
+    DistInfo,
+    all_reduce_sum_,
+    any_rank,
+    gather_objects,
+    min_over_ranks_,
+)
 from ..errors import ConfigError
 from ..io import atomic_write_text
 from ..vit import ViT, ViTConfig
@@ -59,7 +66,8 @@ def build_student_teacher(recipe: Recipe, vit_cfg: ViTConfig) -> tuple[DINOModel
 
 def param_groups(model: nn.Module) -> list[dict]:
     """Weight decay on weight matrices only: not on biases, norms, the CLS token or the
-    positional embeddings (which are vectors of the token space, not maps)."""
+    positional embeddings. The DINO reference code decays the last two as well (it skips
+    only 1-D tensors); here they count as vectors of the token space, not as maps."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -77,9 +85,9 @@ def clip_per_tensor_(params: list[nn.Parameter], max_norm: float) -> None:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads or max_norm <= 0:
         return
-    norms = torch._foreach_norm(grads)
-    scale = [torch.clamp(max_norm / (n + 1e-6), max=1.0) for n in norms]
-    torch._foreach_mul_(grads, scale)
+    norms = torch.stack(torch._foreach_norm(grads))
+    scale = (max_norm / (norms + 1e-6)).clamp_(max=1.0)
+    torch._foreach_mul_(grads, list(scale.unbind()))
 
 
 class Interrupted(Exception):
@@ -133,6 +141,8 @@ class DINOTrainer:
                               "use --batch-size 2 or more per process")
         torch.manual_seed(seed)
         self.student, self.teacher = build_student_teacher(recipe, vit_cfg)
+        if dist.enabled:  # same initial weights everywhere, own drop-path masks per rank
+            torch.manual_seed(seed * 7919 + 3 + dist.rank)
         self.student.to(self.device)
         self.teacher.to(self.device)
         self.multicrop = MultiCrop(crop_cfg)
@@ -270,9 +280,13 @@ class DINOTrainer:
             batches = source.epoch_batches(mine, self.local_batch)
             bar = tqdm(zip(range(self.pos, steps), batches), total=steps, initial=self.pos,
                        desc=f"epoch {epoch + 1}/{r.epochs}", leave=False,
-                       disable=not self.progress or None, dynamic_ncols=True)
+                       dynamic_ncols=True,
+                       # None lets tqdm hide itself when stderr is not a terminal.
+                       disable=None if self.progress else True)
             for i, batch in bar:
-                if should_stop is not None and should_stop():
+                # Every rank must stop at the same step, or one would wait forever in
+                # the gradient all-reduce of the others.
+                if should_stop is not None and any_rank(should_stop()):
                     self._check_finite()
                     if checkpoint is not None:
                         checkpoint(self)
@@ -302,7 +316,8 @@ class DINOTrainer:
             if checkpoint is not None and (last or (
                     checkpoint_every and self.epoch % checkpoint_every == 0)):
                 checkpoint(self)
-            self._log_epoch(record)  # after the checkpoint: a logged epoch is a saved one
+            # After the checkpoint: an epoch that checkpoints is logged once it is saved.
+            self._log_epoch(record)
         return TrainResult(self.student, self.teacher, self.center, self.history,
                            time.perf_counter() - t_start, collapse_reason(self.history))
 
@@ -310,9 +325,13 @@ class DINOTrainer:
         return {k: torch.zeros((), device=self.device) for k in _SUMS}
 
     def _check_finite(self) -> None:
-        bad = int(self.first_bad_step)
-        if bad >= 0:
-            raise NonFiniteLoss(bad, self.recipe)
+        """Raise on every rank if any rank saw a non-finite loss (a NaN on one rank
+        reaches every rank's weights through the gradient all-reduce)."""
+        never = torch.iinfo(torch.long).max
+        first = torch.where(self.first_bad_step < 0, never, self.first_bad_step)
+        bad = int(min_over_ranks_(first.clone()))
+        if bad != never:
+            raise NonFiniteLoss(bad)
 
     def _epoch_record(self, steps: int, timed_steps: int, sched: dict,
                       seconds: float) -> dict:
@@ -351,33 +370,39 @@ class DINOTrainer:
 
     # --- state -----------------------------------------------------------------------
     def state_dict(self) -> dict:
-        rng = {"torch": torch.get_rng_state(), "aug": self.aug_gen.get_state(),
-               "order": self.order_gen.get_state()}
+        """The whole state. Under torchrun every rank must call it (the per-rank random
+        streams and running sums are gathered); rank 0 then writes it."""
+        mine = {"aug": self.aug_gen.get_state(), "torch": torch.get_rng_state(),
+                "sums": {k: v.cpu() for k, v in self.sums.items()},
+                "first_bad_step": int(self.first_bad_step)}
         if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+            mine["cuda"] = torch.cuda.get_rng_state(self.device)
         return {
             "student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
             "optimizer": self.optimizer.state_dict(), "center": self.center.cpu(),
             "epoch": self.epoch, "step": self.step_count, "pos": self.pos,
-            "order": self.order, "sums": {k: v.cpu() for k, v in self.sums.items()},
-            "first_bad_step": int(self.first_bad_step), "history": self.history,
-            "rng": rng,
+            "order": self.order, "order_rng": self.order_gen.get_state(),
+            "history": self.history, "ranks": gather_objects(mine),
         }
 
     def load_state_dict(self, state: dict) -> None:
+        ranks = state["ranks"]
+        if len(ranks) != self.dist.world_size:
+            raise ValueError(f"the checkpoint holds {len(ranks)} processes' state, this run "
+                             f"has {self.dist.world_size}")
         self.student.load_state_dict(state["student"])
         self.teacher.load_state_dict(state["teacher"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.center = state["center"].to(self.device)
         self.epoch, self.step_count, self.pos = state["epoch"], state["step"], state["pos"]
         self.order = state["order"]
-        self.sums = {k: v.to(self.device) for k, v in state["sums"].items()}
-        self.step_t.fill_(self.step_count)
-        self.first_bad_step.fill_(state["first_bad_step"])
+        self.order_gen.set_state(state["order_rng"])
         self.history = list(state["history"])
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        self.aug_gen.set_state(rng["aug"])
-        self.order_gen.set_state(rng["order"])
-        if "cuda" in rng and self.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        self.step_t.fill_(self.step_count)
+        mine = ranks[self.dist.rank]
+        self.sums = {k: v.to(self.device) for k, v in mine["sums"].items()}
+        self.first_bad_step.fill_(mine["first_bad_step"])
+        torch.set_rng_state(mine["torch"])
+        self.aug_gen.set_state(mine["aug"])
+        if "cuda" in mine and self.device.type == "cuda":
+            torch.cuda.set_rng_state(mine["cuda"], self.device)

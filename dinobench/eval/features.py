@@ -7,6 +7,8 @@ network's depth is visible to a linear classifier.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -21,9 +23,16 @@ def to_model_input(images: torch.Tensor, mean, std, size: int) -> torch.Tensor:
     if x.shape[-1] != size or x.shape[-2] != size:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
                           antialias=size < x.shape[-1])
-    m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    m, s = _normalisation(tuple(mean), tuple(std), x.device)
     return (x - m) / s
+
+
+@functools.lru_cache(maxsize=16)
+def _normalisation(mean: tuple, std: tuple, device: torch.device):
+    """Mean and std as ``(1, C, 1, 1)`` tensors, built once per device: a tensor made
+    from a Python list on CUDA is a blocking copy."""
+    return (torch.tensor(mean, device=device).view(1, -1, 1, 1),
+            torch.tensor(std, device=device).view(1, -1, 1, 1))
 
 
 def last_blocks_cls(backbone: ViT, x: torch.Tensor, n_last_blocks: int) -> torch.Tensor:
