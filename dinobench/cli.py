@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "value to turn off (default: 0.01 0.1 1.0; off in the quick profile)")
     ev.add_argument("--supervised-epochs", type=int, default=None, metavar="N",
                     help="epochs of the supervised baseline, each drawing as many images "
-                    "as a DINO epoch (default: the DINO epochs)")
+                    "as a DINO epoch, with the recipe's batch, learning rate, warm-up and "
+                    "drop path (default: the DINO epochs)")
     ev.add_argument("--composites", action="store_true",
                     help="also run the background x resolution benchmark: MNIST digits on "
                     "none/cifar10/natural backgrounds at 32/64/96 px (datasets "

@@ -245,8 +245,13 @@ def run_unit(ds: Dataset, seed: int, opts: RunOptions, folder: RunFolder, device
     rows, figures = [], {"curves": [dino_curve(ds.name, model, result.history, seed)]}
     budgets = label_budgets(opts, ds.name)
     if budgets:
+        # The same optimisation budget as DINO: as many image draws per epoch, the same
+        # batch, peak learning rate, warm-up and stochastic depth.
         sup_cfg = SupervisedConfig(epochs=opts.supervised_epochs or recipe.epochs,
-                                   images_per_epoch=int(ds.pretrain_images.shape[0]))
+                                   images_per_epoch=int(ds.pretrain_images.shape[0]),
+                                   batch_size=recipe.batch_size, lr=recipe.lr,
+                                   warmup_epochs=recipe.warmup_epochs,
+                                   drop_path=recipe.drop_path)
         b_rows, b_figures, supervised = label_budget_comparison(
             ds, result.teacher.backbone, model=model, crop_cfg=crop_cfg, seed=seed,
             context=context, budgets=budgets, sup_cfg=sup_cfg, cfg=eval_cfg, device=device,
