@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -148,10 +149,16 @@ def device_name(device: torch.device) -> str:
 
 
 def git_commit() -> str | None:
+    """The package's commit, with ``+dirty`` when its files differ from it."""
+    here = Path(__file__).parent
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=5, cwd=Path(__file__).parent)
-        return out.stdout.strip() or None
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=5, cwd=here).stdout.strip()
+        if not head:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "."],
+                               capture_output=True, text=True, timeout=5, cwd=here).stdout
+        return head + ("+dirty" if dirty.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -379,7 +386,8 @@ def run(opts: RunOptions | None = None, log: Callable[[str], None] = print) -> l
             distrib.shutdown()
             return rows
         meta = {
-            "command": " ".join(sys.argv), "datasets": list(opts.datasets),
+            "command": shlex.join(["dinobench", *sys.argv[1:]]),
+            "datasets": list(opts.datasets),
             "recipes": recipes, "seeds": list(opts.seeds), "git_commit": git_commit(),
             "versions": {"dinobench": __version__, "python": platform.python_version(),
                          "torch": torch.__version__},
