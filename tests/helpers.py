@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -35,6 +36,19 @@ def popen(*args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "dinobench", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=cli_env(), cwd=REPO)
+
+
+def wait_for_epochs(log_path: Path, n: int, proc: subprocess.Popen,
+                    timeout: float = 300) -> None:
+    """Wait until a running job has logged ``n`` epochs (and so saved them, with
+    ``--checkpoint-every 1``); fail if it ends first."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if log_path.exists() and len(log_path.read_text().splitlines()) >= n:
+            return
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        time.sleep(0.02)
+    raise AssertionError(f"the run did not log {n} epochs within {timeout} s")
 
 
 def rows(run_dir: Path, drop=("seconds", "train_seconds")) -> list[dict]:

@@ -13,12 +13,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
-from helpers import REPO, TINY, cli_env, dinobench, trainer_state
+from helpers import REPO, TINY, cli_env, dinobench, trainer_state, wait_for_epochs
 
 pytestmark = pytest.mark.slow
 
@@ -90,12 +89,7 @@ def test_sigterm_stops_every_rank_together_and_resume_is_exact(tmp_path):
     proc = subprocess.Popen(_torchrun(*flags, "--out", str(stopped)),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=cli_env(), cwd=REPO, start_new_session=True)
-    log = stopped / "train_digits_seed0.jsonl"
-    t0 = time.monotonic()
-    while not (log.exists() and log.read_text().count("\n") >= 1):
-        assert proc.poll() is None, "the run ended before it could be interrupted"
-        assert time.monotonic() - t0 < 300
-        time.sleep(0.02)
+    wait_for_epochs(stopped / "train_digits_seed0.jsonl", 1, proc)
     os.killpg(proc.pid, signal.SIGTERM)  # the launcher and both workers
     proc.communicate(timeout=300)
     assert proc.returncode != 0

@@ -4,12 +4,19 @@
 from __future__ import annotations
 
 import signal
-import time
 
 import pytest
 import torch
 
-from helpers import TINY, dinobench, one_line_error, popen, rows, trainer_state
+from helpers import (
+    TINY,
+    dinobench,
+    one_line_error,
+    popen,
+    rows,
+    trainer_state,
+    wait_for_epochs,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -25,14 +32,13 @@ def reference(tmp_path_factory):
     return out
 
 
-def _wait_for_epochs(log_path, n, proc, timeout=120):
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if log_path.exists() and len(log_path.read_text().splitlines()) >= n:
-            return
-        assert proc.poll() is None, "the run ended before it could be interrupted"
-        time.sleep(0.02)
-    raise AssertionError("the run did not reach the epoch to interrupt")
+def _killed_after(out, epochs: int):
+    """Start the run into ``out`` and SIGKILL it once ``epochs`` epochs are logged."""
+    proc = popen("run", *FLAGS, "--out", str(out))
+    wait_for_epochs(out / "train_digits_seed0.jsonl", epochs, proc)
+    proc.kill()
+    proc.wait()
+    return proc
 
 
 def _assert_same_run(a, b):
@@ -47,10 +53,7 @@ def _assert_same_run(a, b):
 
 def test_sigkill_then_resume_is_bit_identical(reference, tmp_path):
     out = tmp_path / "killed"
-    proc = popen("run", *FLAGS, "--out", str(out))
-    _wait_for_epochs(out / "train_digits_seed0.jsonl", 2, proc)
-    proc.kill()
-    proc.wait()
+    proc = _killed_after(out, 2)
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "results.json").exists()
 
@@ -68,7 +71,7 @@ def test_sigkill_then_resume_is_bit_identical(reference, tmp_path):
 def test_sigterm_checkpoints_mid_epoch_and_resumes_exactly(reference, tmp_path):
     out = tmp_path / "terminated"
     proc = popen("run", *FLAGS, "--out", str(out))
-    _wait_for_epochs(out / "train_digits_seed0.jsonl", 1, proc)
+    wait_for_epochs(out / "train_digits_seed0.jsonl", 1, proc)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, stderr
@@ -83,10 +86,7 @@ def test_sigterm_checkpoints_mid_epoch_and_resumes_exactly(reference, tmp_path):
 
 def test_resume_with_other_flags_is_refused(reference, tmp_path):
     out = tmp_path / "changed"
-    proc = popen("run", *FLAGS, "--out", str(out))
-    _wait_for_epochs(out / "train_digits_seed0.jsonl", 1, proc)
-    proc.kill()
-    proc.wait()
+    _killed_after(out, 1)
     changed = dinobench("run", *FLAGS, "--student-temp", "0.5", "--out", str(out),
                         "--resume")
     assert changed.returncode == 2
