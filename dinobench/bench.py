@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 
 from .config import get_recipe
+from .data.registry import SPECS, DatasetSpec
+from .devices import resolve_device
 from .dino.multicrop import MultiCropConfig
 from .dino.train import DINOTrainer
 from .errors import ConfigError, UserError
@@ -41,22 +43,9 @@ from .perf import (
 )
 from .vit import ViTConfig
 
-
-@dataclass(frozen=True)
-class Shape:
-    image_size: int  # side of a global crop (pixels)
-    grid: int  # patches per side of a global crop
-    channels: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-
-# The seed's three datasets; local crops keep the patch size and half the side.
-SHAPES = {
-    "mnist": Shape(32, 4, 1, (0.1307,), (0.3081,)),
-    "cifar10": Shape(32, 8, 3, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "stl10": Shape(96, 8, 3, (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
-}
+# The seed's three datasets, from the registry: image side, patch grid, channels and the
+# normalisation statistics. Local crops keep the patch size and half the side.
+SHAPES = {name: SPECS[name] for name in ("mnist", "cifar10", "stl10")}
 EPOCH_IMAGES = 50_000  # a CIFAR-10 epoch
 
 
@@ -86,13 +75,7 @@ class BenchOptions:
 
     def resolved(self) -> BenchOptions:
         """Fill device-dependent defaults and check every value."""
-        try:
-            dev = torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        except RuntimeError:
-            raise UserError(f"--device {self.device!r} is not a torch device; use cpu or "
-                            "cuda") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise UserError("--device cuda: CUDA is not available here; use --device cpu")
+        dev = resolve_device(self.device)
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"--precision must be auto, bf16 or fp32, got {self.precision}")
         if self.dataset_shape not in SHAPES:
@@ -114,7 +97,7 @@ class BenchOptions:
         return o
 
 
-def build(o: BenchOptions) -> tuple[DINOTrainer, torch.Tensor, Shape, MultiCropConfig]:
+def build(o: BenchOptions) -> tuple[DINOTrainer, torch.Tensor, DatasetSpec, MultiCropConfig]:
     """The trainer of the chosen recipe and shape, and a pool of synthetic ``uint8`` images
     (four batches) on the device."""
     shape = SHAPES[o.dataset_shape]

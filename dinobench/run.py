@@ -26,6 +26,7 @@ from . import __version__, checkpoint
 from . import distributed as distrib
 from .config import PROFILES, Recipe, get_recipe
 from .data import COMPOSITES, SPECS, Dataset, DatasetSpec, known_datasets, load_dataset
+from .devices import default_device, resolve_device
 from .dino.faults import knn_at_chance
 from .dino.multicrop import MultiCropConfig
 from .dino.train import DINOTrainer, Interrupted
@@ -121,25 +122,6 @@ def vit_config(recipe: Recipe, spec: DatasetSpec) -> ViTConfig:
                      grid=recipe.grid or spec.grid, in_chans=spec.channels,
                      dim=recipe.dim, depth=recipe.depth, heads=recipe.heads,
                      mlp_dim=recipe.mlp_dim)
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def resolve_device(name: str | None) -> torch.device:
-    """``--device`` as a torch device that exists here, or a :class:`ConfigError`."""
-    try:
-        device = torch.device(name or default_device())
-    except RuntimeError:
-        raise ConfigError(f"--device {name!r} is not a torch device; use cpu, cuda or "
-                          "cuda:N") from None
-    if device.type == "cuda" and not (torch.cuda.is_available() and (
-            device.index or 0) < torch.cuda.device_count()):
-        raise ConfigError(f"--device {name}: no such CUDA device here; use --device cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"--device {name}: only cpu and cuda devices are supported")
-    return device
 
 
 def device_name(device: torch.device) -> str:
