@@ -1,6 +1,7 @@
 """What each speed lever gives, measured side by side in one run on one device.
 
     python benchmarks/levers.py [--device cpu] [--batch 8] [--depth 12] [--rounds 7]
+                                [--compile]
 
 Each lever is timed against its baseline in alternating rounds (A, B, A, B, ...), so load
 from other processes hits both alike; the table gives the median time of each and the
@@ -20,9 +21,10 @@ import torch
 
 from dinobench.bench import SHAPES
 from dinobench.config import SEED
+from dinobench.dino import ema
 from dinobench.dino.ema import ema_update_
 from dinobench.dino.multicrop import MultiCropConfig
-from dinobench.dino.train import DINOTrainer, param_groups
+from dinobench.dino.train import DINOTrainer, clip_per_tensor_, param_groups
 from dinobench.perf import Timer, environment
 from dinobench.reference import (
     ReferenceDataset,
@@ -57,6 +59,31 @@ def ema_loop_(teacher, student, momentum: float) -> None:
         p_t.data.mul_(momentum).add_((1 - momentum) * p_s.detach().data)
 
 
+@torch.no_grad()
+def clip_unbind_(params, max_norm: float) -> None:
+    """The per-tensor clip as it was: 0-d scales from ``unbind``, which send
+    ``_foreach_mul_`` down its one-``mul_``-per-tensor path."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norms = torch.stack(torch._foreach_norm(grads))
+    scale = (max_norm / (norms + 1e-6)).clamp_(max=1.0)
+    torch._foreach_mul_(grads, list(scale.unbind()))
+
+
+def ema_unpaired_(teacher, student, momentum: float) -> None:
+    """The EMA with its parameter pairing rebuilt at every call, as it was."""
+    ema._PAIRS.pop(teacher, None)
+    ema_update_(teacher, student, momentum)
+
+
+@torch.no_grad()
+def clip_ema_lists(grads, t_list, s_list, max_norm: float, weight: float) -> None:
+    """Per-tensor clip and EMA in plain per-tensor ops, for torch.compile to fuse."""
+    for g in grads:
+        g.mul_((max_norm / (torch.linalg.vector_norm(g) + 1e-6)).clamp(max=1.0))
+    for t, s in zip(t_list, s_list):
+        t.lerp_(s, weight)
+
+
 def count_blocking_constants(trainer: DINOTrainer, batch, kw) -> int:
     """Calls of ``torch.tensor(..., device=...)`` during one step: on CUDA each is a
     host-to-device copy from pageable memory that blocks the host until the GPU is idle."""
@@ -75,7 +102,8 @@ def count_blocking_constants(trainer: DINOTrainer, batch, kw) -> int:
     return calls[0]
 
 
-def measure(device: torch.device, batch: int, depth: int, rounds: int) -> list[dict]:
+def measure(device: torch.device, batch: int, depth: int, rounds: int,
+            compile_lists: bool = False) -> list[dict]:
     shape = SHAPES["cifar10"]
     recipe = SEED.replace(batch_size=batch, depth=depth).validate()
     cfg = ViTConfig(image_size=32, grid=8, in_chans=3, depth=depth)
@@ -130,6 +158,26 @@ def measure(device: torch.device, batch: int, depth: int, rounds: int) -> list[d
         opts = [torch.optim.AdamW(param_groups(student), lr=1e-6, fused=f) for f in (True, False)]
         rows.append(side_by_side("AdamW step", "fused", "foreach (default)", opts[0].step,
                                  opts[1].step, rounds * 3, timer))
+    student, teacher = trainer.student, trainer.teacher
+    params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    rows.append(side_by_side("gradient clip, per tensor", "clip_per_tensor_",
+                             "0-d scales (unbind)", lambda: clip_per_tensor_(params, 3.0),
+                             lambda: clip_unbind_(params, 3.0), rounds * 3, timer))
+    rows.append(side_by_side("teacher EMA, parameter pairing", "cached", "rebuilt per call",
+                             lambda: ema_update_(teacher, student, 0.996),
+                             lambda: ema_unpaired_(teacher, student, 0.996), rounds * 3,
+                             timer))
+    if compile_lists:  # inductor fuses the per-tensor loops into a few kernels
+        grads = [p.grad for p in params]
+        t_list, s_list = ema._pair(teacher, student)
+        fused = torch.compile(clip_ema_lists, dynamic=False)
+        rows.append(side_by_side("clip + EMA", "torch.compile", "eager (both above)",
+                                 lambda: fused(grads, t_list, s_list, 3.0, 0.004),
+                                 lambda: (clip_per_tensor_(params, 3.0),
+                                          ema_update_(teacher, student, 0.996)),
+                                 rounds * 3, timer))
     rows.append(side_by_side("whole step (same crops)", "DINOTrainer.step, multi-crop "
                              "included", "reference step, crops ready",
                              lambda: trainer.step(images, gen, **kw),
@@ -160,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--depth", type=int, default=12)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--compile", action="store_true", help="also time clip + EMA compiled "
+                   "by torch.compile against eager")
     p.add_argument("--json", default=None, help="also write the rows here")
     a = p.parse_args(argv)
     if a.threads:
@@ -167,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(a.device)
     batch = a.batch or (256 if device.type == "cuda" else 8)
     env = {**environment(device), "batch": batch, "depth": a.depth}
-    rows = measure(device, batch, a.depth, a.rounds)
+    rows = measure(device, batch, a.depth, a.rounds, a.compile)
     print(f"levers at batch {batch}, depth {a.depth}, CIFAR-10 shapes, seed recipe")
     print(table(rows, env))
     if a.json:

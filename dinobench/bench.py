@@ -7,13 +7,14 @@ repeats. FLOPs are counted from the model with ``torch.utils.flop_counter`` and 
 against :func:`step_flops_formula`; MFU is read against a matmul peak measured in the same
 run. ``--compare`` times the reference pipeline (:mod:`dinobench.reference`) in the same
 process on the same device and prints the speed-up as a ratio. ``--knn`` times k-NN
-evaluation, feature extraction included. One JSON file per run goes to ``--out``.
+evaluation, feature extraction included. Each figure is logged with the run's elapsed time
+as soon as it exists, and the run's JSON file in ``--out`` is rewritten (atomically) after
+each part, so a run stopped early keeps what it measured.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from .bench_table import EPOCH_IMAGES, format_table, result_path
 from .config import get_recipe
 from .data.registry import SPECS, DatasetSpec
 from .devices import resolve_device
@@ -38,6 +40,7 @@ from .perf import (
     mean_std,
     peak_memory,
     profile_table,
+    reference_workers_default,
     step_flops_formula,
     time_repeats,
 )
@@ -46,7 +49,7 @@ from .vit import ViTConfig
 # The seed's three datasets, from the registry: image side, patch grid, channels and the
 # normalisation statistics. Local crops keep the patch size and half the side.
 SHAPES = {name: SPECS[name] for name in ("mnist", "cifar10", "stl10")}
-EPOCH_IMAGES = 50_000  # a CIFAR-10 epoch
+LARGE_BATCH = 512  # from here on the reference loader prefetches one batch per worker
 
 
 @dataclass
@@ -63,7 +66,8 @@ class BenchOptions:
     compile_mode: str = "default"
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on a CPU; or bf16 / fp32
     compare: bool = False
-    reference_workers: int | None = None  # None: min(16, CPU count)
+    reference_workers: int | None = None  # None: nproc - 2, at least 1
+    reference_prefetch: int | None = None  # batches per worker; None: 1 at batch >= 512, else 2
     reference_loader: bool = True  # also time the reference loader alone
     knn: bool = False
     knn_train: int | None = None  # None: 50,000 on CUDA, 1,000 on a CPU
@@ -84,13 +88,17 @@ class BenchOptions:
         o = BenchOptions(**{**self.__dict__, "device": str(dev), "out": str(self.out)})
         for name, gpu, cpu in (("batch_size", 256, 16), ("steps", 50, 3), ("warmup", 10, 1),
                                ("compile", True, False), ("knn_train", 50_000, 1_000),
-                               ("knn_test", 10_000, 250),
-                               ("reference_workers", min(16, os.cpu_count() or 1), None)):
+                               ("knn_test", 10_000, 250)):
             if getattr(o, name) is None:
-                setattr(o, name, gpu if cuda else (cpu if cpu is not None else gpu))
+                setattr(o, name, gpu if cuda else cpu)
+        if o.reference_workers is None:
+            o.reference_workers = reference_workers_default()
+        if o.reference_prefetch is None:  # bounds the crops waiting in shared memory
+            o.reference_prefetch = 1 if o.batch_size >= LARGE_BATCH else 2
         for name, low in (("batch_size", 1), ("steps", 1), ("repeats", 1), ("knn_train", 1),
                           ("knn_test", 1), ("threads", 1), ("depth", 1), ("warmup", 0),
-                          ("reference_workers", 0), ("profile", 0)):
+                          ("reference_workers", 0), ("reference_prefetch", 1),
+                          ("profile", 0)):
             v = getattr(o, name)
             if v is not None and v < low:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least {low}, got {v}")
@@ -133,8 +141,11 @@ def step_args(trainer: DINOTrainer) -> dict:
             "freeze_last_layer": False}
 
 
-def time_dinobench(o: BenchOptions, trainer: DINOTrainer, pool: torch.Tensor) -> dict:
-    """Warm up (compiling, with an eager fallback), then time the step."""
+def time_dinobench(o: BenchOptions, trainer: DINOTrainer, pool: torch.Tensor,
+                   say=lambda msg: None) -> dict:
+    """Warm up (compiling, with an eager fallback), then time the step. The first step
+    and the whole warm-up are timed on the wall clock too: what the warm-up takes beyond
+    its steps at the timed speed is the compilation."""
     device, B = torch.device(o.device), o.batch_size
     gen = torch.Generator(device).manual_seed(o.seed + 1)
     order = torch.randperm(pool.shape[0], device=device, generator=gen)
@@ -147,7 +158,12 @@ def time_dinobench(o: BenchOptions, trainer: DINOTrainer, pool: torch.Tensor) ->
         sums.add_(torch.stack([out["loss"], out["teacher_entropy"]]))
         i[0] += 1
 
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     compile_note = "on" if o.compile else "off"
+    t0 = time.perf_counter()
     try:
         step()  # the first call compiles
     except Exception as e:  # noqa: BLE001 - any compiler failure falls back to eager
@@ -155,13 +171,18 @@ def time_dinobench(o: BenchOptions, trainer: DINOTrainer, pool: torch.Tensor) ->
             raise
         first = (str(e).strip().splitlines() or [""])[0][:120]
         compile_note = f"failed, eager fallback ({type(e).__name__}: {first})"
+        say(f"torch.compile {compile_note}")
         trainer.student_fwd, trainer.teacher_fwd = trainer.student, trainer.teacher
         trainer.optimizer.zero_grad(set_to_none=True)
         step()
+    sync()
+    first_s = time.perf_counter() - t0
+    say(f"first step {first_s:.2f} s (torch.compile {compile_note})")
     for _ in range(max(0, o.warmup - 1)):
         step()
+    sync()
+    warmup_s = time.perf_counter() - t0
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     seconds = time_repeats(step, o.steps, o.repeats, Timer(device))
     mem, mem_label = peak_memory(device)
@@ -169,32 +190,41 @@ def time_dinobench(o: BenchOptions, trainer: DINOTrainer, pool: torch.Tensor) ->
         raise FloatingPointError("the benchmark step produced a non-finite loss")
     ips = [B / s for s in seconds]
     mean, std = mean_std(ips)
+    step_s = statistics.fmean(seconds)
+    compile_s = max(0.0, warmup_s - max(1, o.warmup) * step_s)
+    say(f"{mean:,.1f} ± {std:,.1f} images/s, step {1000 * step_s:,.2f} ms; compilation "
+        f"{compile_s:.1f} s of a {warmup_s:.1f} s warm-up")
     return {"compile": compile_note, "images_per_s": mean, "images_per_s_std": std,
-            "images_per_s_repeats": ips, "step_ms": 1000 * statistics.fmean(seconds),
+            "images_per_s_repeats": ips, "step_ms": 1000 * step_s,
             "epoch_seconds": EPOCH_IMAGES / mean, "peak_memory_bytes": mem,
-            "peak_memory_kind": mem_label}
+            "peak_memory_kind": mem_label, "first_step_seconds": first_s,
+            "warmup_seconds": warmup_s, "compile_seconds": compile_s}
 
 
-def bench(o: BenchOptions, log=print) -> dict:
+def bench(o: BenchOptions, log=print, path: str | Path | None = None) -> dict:
     """Run every measurement ``o`` asks for; return the result record (what the JSON
-    holds)."""
+    holds). Each figure is logged as soon as it exists, with the seconds since the start;
+    with ``path`` the JSON is rewritten there after each part."""
     o = o.resolved()
     if o.threads:
         torch.set_num_threads(o.threads)
     device = torch.device(o.device)
+    t_start = time.perf_counter()
+
+    def say(msg: str) -> None:
+        log(f"  [{time.perf_counter() - t_start:7.1f} s] {msg}")
+
     env = environment(device)
     log(f"dinobench bench: {o.dataset_shape} shapes, {o.recipe} recipe, batch {o.batch_size}"
         f", on {env['card']}")
+    watcher = None
+    if o.compile:  # a clean cache, and a log line if a function falls back at its limit
+        from .compiling import fresh_compile_state
+
+        watcher = fresh_compile_state(say)
     trainer, pool, shape, crop = build(o)
     cfg = trainer.vit_cfg
     bf16 = o.precision == "bf16" or (o.precision == "auto" and device.type == "cuda")
-    peak, peak_label = matmul_peak(device, torch.bfloat16 if bf16 else torch.float32)
-    gen = torch.Generator(device).manual_seed(o.seed + 2)
-    counted = count_step_flops(trainer, pool[:min(o.batch_size, 4)], gen, **step_args(trainer))
-    formula = step_flops_formula(cfg, crop, trainer.student.head)
-    log(f"  timing {o.repeats} x {o.steps} steps after {o.warmup} warm-up steps ...")
-    speed = time_dinobench(o, trainer, pool)
-    achieved = counted["model"] * speed["images_per_s"]
     result = {
         **env, "options": asdict(o),
         "dataset_shape": o.dataset_shape, "recipe": o.recipe, "batch_size": o.batch_size,
@@ -203,92 +233,63 @@ def bench(o: BenchOptions, log=print) -> dict:
                                                                            crop.local_size],
         "channels": shape.channels, "grid": cfg.grid, "patch_size": cfg.patch_size,
         "vit": {"depth": cfg.depth, "dim": cfg.dim, "heads": cfg.heads, "mlp_dim": cfg.mlp_dim},
-        "head": trainer.recipe.head, "out_dim": trainer.recipe.out_dim,
-        **speed,
-        "flop_per_image": counted["model"], "flop_per_image_formula": formula,
-        "flop_counted_over_formula": counted["model"] / formula,
-        "augmentation_flop_per_image": counted["augmentation"],
-        "achieved_flop_per_s": achieved, "matmul_peak_flop_per_s": peak,
-        "matmul_peak_kind": peak_label, "mfu": achieved / peak,
+        "head": trainer.recipe.head, "out_dim": trainer.recipe.out_dim, "parts": [],
     }
+
+    def done(part: str) -> None:
+        result["parts"].append(part)
+        result["seconds"] = time.perf_counter() - t_start
+        if watcher is not None:
+            result["recompile_limit_hits"] = list(watcher.hits)
+        if path is not None:
+            atomic_write_json(path, result)
+
+    say(f"timing {o.repeats} x {o.steps} steps after {o.warmup} warm-up steps ...")
+    result.update(time_dinobench(o, trainer, pool, say))
+    done("step")
+    gen = torch.Generator(device).manual_seed(o.seed + 2)
+    counted = count_step_flops(trainer, pool[:min(o.batch_size, 4)], gen, **step_args(trainer))
+    formula = step_flops_formula(cfg, crop, trainer.student.head)
+    result.update({"flop_per_image": counted["model"], "flop_per_image_formula": formula,
+                   "flop_counted_over_formula": counted["model"] / formula,
+                   "augmentation_flop_per_image": counted["augmentation"]})
+    say(f"{counted['model'] / 1e9:.3g} GFLOP per image (formula {formula / 1e9:.3g})")
+    done("flops")
+    peak, peak_label = matmul_peak(device, torch.bfloat16 if bf16 else torch.float32)
+    achieved = counted["model"] * result["images_per_s"]
+    result.update({"achieved_flop_per_s": achieved, "matmul_peak_flop_per_s": peak,
+                   "matmul_peak_kind": peak_label, "mfu": achieved / peak})
+    say(f"matmul peak {peak / 1e12:.3g} TFLOP/s ({peak_label}); MFU "
+        f"{100 * achieved / peak:.2f}%")
+    done("peak")
     if o.profile:
-        log(f"  profiling {o.profile} steps ...")
+        say(f"profiling {o.profile} steps ...")
         result["profile"] = profile_table(trainer, pool[:o.batch_size], step_args(trainer),
                                            o.profile, seed=o.seed)
+        done("profile")
     if o.compare:
-        log(f"  timing the reference pipeline ({o.reference_workers} loader workers) ...")
+        say(f"timing the reference pipeline ({o.reference_workers} loader workers, prefetch "
+            f"{o.reference_prefetch}) ...")
         from .reference import time_reference_pipeline
 
         ref = result["reference"] = time_reference_pipeline(
             trainer, pool, crop, step_args(trainer), batch_size=o.batch_size,
-            workers=o.reference_workers, warmup=o.warmup, steps=o.steps, repeats=o.repeats,
+            workers=o.reference_workers, prefetch_factor=o.reference_prefetch,
+            warmup=o.warmup, steps=o.steps, repeats=o.repeats,
             time_loader=o.reference_loader, seed=o.seed)
-        result["speedup"] = speed["images_per_s"] / ref["images_per_s"]
+        result["speedup"] = result["images_per_s"] / ref["images_per_s"]
+        say(f"reference {ref['images_per_s']:,.1f} images/s (model step alone "
+            f"{ref['model_step_images_per_s']:,.1f}); speed-up {result['speedup']:.2f}x")
+        done("reference")
     if o.knn:
-        log(f"  timing k-NN evaluation ({o.knn_train:,} x {o.knn_test:,}) ...")
+        say(f"timing k-NN evaluation ({o.knn_train:,} x {o.knn_test:,}) ...")
         result["knn"] = knn_seconds(trainer.teacher.backbone, o.knn_train, o.knn_test,
                                     shape.channels, shape.image_size, shape.mean, shape.std,
                                     seed=o.seed)
+        say(f"k-NN {o.knn_train:,} x {o.knn_test:,}: {result['knn']['seconds']:.3f} s, "
+            "features included")
+        done("knn")
     return result
-
-
-def _si(x: float, unit: str = "") -> str:
-    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(x) >= scale:
-            return f"{x / scale:.3g} {prefix}{unit}"
-    return f"{x:.3g} {unit}".rstrip()
-
-
-def format_table(r: dict) -> str:
-    """The result as a two-column Markdown table."""
-    v = r["vit"]
-    rows = [
-        ("card", r["card"]), ("torch / CUDA", f"{r['torch']} / {r['cuda']}"),
-        ("shapes", f"{r['dataset_shape']}: {r['global_crops'][0]} x {r['global_crops'][1]} px "
-                   f"+ {r['local_crops'][0]} x {r['local_crops'][1]} px crops, "
-                   f"{r['channels']} ch, {r['grid']}x{r['grid']} patches of {r['patch_size']} px"),
-        ("model", f"ViT depth {v['depth']}, dim {v['dim']}, heads {v['heads']}, MLP "
-                  f"{v['mlp_dim']}; {r['head']} head, K = {r['out_dim']}"),
-        ("batch", f"{r['batch_size']}"), ("autocast", r["autocast"]),
-        ("torch.compile", r["compile"]),
-        ("images/s", f"{r['images_per_s']:,.1f} ± {r['images_per_s_std']:,.1f} "
-                     f"({r['options']['repeats']} repeats of {r['options']['steps']} steps)"),
-        ("step time", f"{r['step_ms']:,.2f} ms"),
-        (f"epoch of {EPOCH_IMAGES:,} images", f"{r['epoch_seconds']:,.2f} s"),
-        ("FLOP per image (counted)", f"{_si(r['flop_per_image'])} (formula "
-         f"{_si(r['flop_per_image_formula'])}, ratio {r['flop_counted_over_formula']:.4f})"),
-        ("achieved", _si(r["achieved_flop_per_s"], "FLOP/s")),
-        (f"peak ({r['matmul_peak_kind']})", _si(r["matmul_peak_flop_per_s"], "FLOP/s")),
-        ("MFU", f"{100 * r['mfu']:.2f}%"),
-        (f"peak memory ({r['peak_memory_kind']})", f"{r['peak_memory_bytes'] / 2**30:.2f} GiB"),
-    ]
-    if "reference" in r:
-        ref = r["reference"]
-        rows += [("reference images/s", f"{ref['images_per_s']:,.1f} ± "
-                  f"{ref['images_per_s_std']:,.1f} (PIL multi-crop in {ref['workers']} "
-                  f"workers, {ref['attention']} attention, autocast {ref['autocast']})"),
-                 ("reference model step alone", f"{ref['model_step_images_per_s']:,.1f} "
-                  "images/s (fixed crops, no loader)")]
-        if "loader_images_per_s" in ref:
-            rows.append(("reference loader alone", f"{ref['loader_images_per_s']:,.1f} "
-                         "images/s"))
-        rows.append(("speed-up (same run, same device)", f"{r['speedup']:.2f}x"))
-    if "knn" in r:
-        k = r["knn"]
-        rows.append((f"k-NN eval {k['n_train']:,} x {k['n_test']:,} (features included)",
-                     f"{k['seconds']:.3f} s"))
-    return "\n".join(["| quantity | value |", "|---|---|"]
-                     + [f"| {a} | {b} |" for a, b in rows])
-
-
-def write_result(result: dict, out: str | Path) -> Path:
-    o = result["options"]
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    dev = torch.device(o["device"]).type
-    path = Path(out) / f"bench-{o['dataset_shape']}-{o['recipe']}-b{o['batch_size']}-{dev}" \
-                       f"-{stamp}.json"
-    atomic_write_json(path, result)
-    return path
 
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
@@ -330,7 +331,10 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                    "pipeline (PIL multi-crop in loader workers, explicit eager attention) "
                    "in this run and print the speed-up")
     p.add_argument("--reference-workers", type=int, default=None, help="loader workers of "
-                   "the reference pipeline (default: min(16, CPU count))")
+                   "the reference pipeline (default: nproc - 2, at least 1)")
+    p.add_argument("--reference-prefetch", type=int, default=None, metavar="N",
+                   help="batches each reference worker prepares ahead (default: 1 at batch "
+                   f"{LARGE_BATCH} and above, else 2)")
     p.add_argument("--no-reference-loader", dest="reference_loader", action="store_false",
                    help="skip timing the reference loader alone")
     p.add_argument("--knn", action="store_true", help="also time k-NN evaluation, feature "
@@ -355,13 +359,17 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    """The ``bench`` command: measure, print the table, write the JSON. Returns 0."""
+    """The ``bench`` command: measure (logging each figure and rewriting the JSON as it
+    goes), then print the table. Returns 0."""
     opts = options_from_args(args)
-    result = bench(opts)
+    resolved = opts.resolved()
+    path = result_path(asdict(resolved), opts.out)
+    print(f"writing {path} after each part")
+    result = bench(resolved, path=path)
     print(format_table(result))
     if "profile" in result:
         print(f"\ntorch.profiler, {opts.profile} steps:\n{result['profile']}")
-    print(f"wrote {write_result(result, opts.out)}")
+    print(f"wrote {path}")
     return 0
 
 

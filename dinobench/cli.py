@@ -1,4 +1,4 @@
-"""Command line: ``python -m dinobench {run,report} ...``.
+"""Command line: ``python -m dinobench {run,report,bench,sweep} ...``.
 
 Bad input never shows a traceback: argparse errors and :class:`UserError` print one line
 naming the problem and exit with code 2.
@@ -11,13 +11,24 @@ import dataclasses
 import sys
 
 from .bench import add_bench_parser, run_bench
-from .config import PROFILES, RECIPES, recipe_fields
+from .config import AUTO_FIELDS, CENTERINGS, PROFILES, RECIPES, defaults_text, recipe_fields
 from .errors import UserError
+from .sweep import add_sweep_parser, run_sweep
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, no usage dump
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def float_or_auto(text: str) -> float | None:
+    """A probability, or 'auto' (None): decided per dataset by Recipe.for_dataset."""
+    if text == "auto":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
 
 
 def _recipe_flag_type(f: dataclasses.Field):
@@ -30,22 +41,22 @@ def _recipe_flag_type(f: dataclasses.Field):
     base = t.split(" |")[0]
     if f.name == "head":
         return {"choices": ["seed", "official"]}
+    if f.name == "centering":
+        return {"choices": list(CENTERINGS)}
+    if f.name in AUTO_FIELDS:
+        return {"type": float_or_auto, "metavar": "P|auto"}
     return {"type": {"int": int, "float": float, "str": str}[base], "metavar": base.upper()}
 
 
 def _add_recipe_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "recipe fields", "override any field of the chosen recipe; defaults shown as "
-        "seed / official, then what the quick profile (the default for digits) uses")
+        "seed / official / small, then what the quick profile (the default for digits) "
+        "uses with seed and official")
     for f in recipe_fields():
-        seed_v, off_v = (getattr(RECIPES[n], f.name) for n in ("seed", "official"))
-        shown = f"{seed_v}" if seed_v == off_v else f"{seed_v} / {off_v}"
-        if seed_v is None or f.name == "epochs":
-            shown = "per dataset"
-        if f.name in PROFILES["quick"].changes:
-            shown += f"; quick profile: {PROFILES['quick'].changes[f.name]}"
         group.add_argument(f"--{f.name.replace('_', '-')}", dest=f"recipe.{f.name}",
-                           default=None, help=f"{f.metadata['help']} (default: {shown})",
+                           default=None,
+                           help=f"{f.metadata['help']} (default: {defaults_text(f)})",
                            **_recipe_flag_type(f))
 
 
@@ -64,8 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "profile (minutes on a CPU, no download).")
     run.add_argument("--datasets", nargs="+", default=["digits"], metavar="NAME",
                      help="datasets to run, in order (default: digits)")
-    run.add_argument("--recipe", choices=sorted(RECIPES), default="seed",
-                     help="training recipe preset (default: seed)")
+    run.add_argument("--recipe", choices=sorted(RECIPES), default="small",
+                     help="training recipe preset (default: small, the one that learns "
+                     "in CPU minutes; seed and official are the study's and the paper's)")
     run.add_argument("--profile", choices=sorted(PROFILES), default=None,
                      help="run length preset: "
                      + "; ".join(f"{p.name}: {p.note}" for p in PROFILES.values())
@@ -81,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--compile", action="store_true",
                      help="torch.compile the student and teacher (static shapes)")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    run.add_argument("--budget-seconds", type=float, default=None, metavar="S",
+                     help="stop training after S seconds of it (evaluations excluded), then "
+                     "evaluate as usual; the schedules stay planned on --epochs, which the "
+                     "budget truncates, so choose --epochs to match (default: no budget)")
     rel = run.add_argument_group("checkpoints and resume")
     rel.add_argument("--resume", action="store_true",
                      help="continue the run folder's interrupted run where it stopped "
@@ -104,8 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="probe features: CLS tokens of the last N blocks (DINO uses 4; "
                     "default: 1)")
     ev.add_argument("--eval-every", type=int, default=None, metavar="N",
-                    help="k-NN of the teacher every N epochs, for the learning curve; 0: "
-                    "off (default: 2 in the quick profile, epochs/20 otherwise)")
+                    help="validation k-NN of the teacher every N epochs, for the learning "
+                    "curve and time to accuracy; 0: off (default: 1 in the quick profile, "
+                    "epochs/20 otherwise)")
+    ev.add_argument("--val-size", type=_count_or_fraction, default=None, metavar="N|F",
+                    help="validation subset held out of the train split's k-NN bank, on "
+                    "which training is measured (never the test split): a count (500) or "
+                    "a fraction (0.1); stratified, at least one image per class (default: "
+                    "10%%, at most 5000)")
     ev.add_argument("--label-budgets", type=float, nargs="*", default=None, metavar="F",
                     help="labels versus no labels: fractions of the labelled split for the "
                     "linear probe and for a ViT trained from scratch with labels; give no "
@@ -144,7 +166,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="instead, write DIR/README.md: one summary table across every "
                         "run folder under DIR")
     add_bench_parser(sub)
+    add_sweep_parser(sub)
     return parser
+
+
+def _count_or_fraction(text: str) -> int | float:
+    """``--val-size``: a whole number is a count, anything else a fraction."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--val-size takes a count (500) or a fraction (0.1), got {text!r}") from None
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -181,7 +217,8 @@ def _run(args: argparse.Namespace) -> None:
                    n_last_blocks=args.n_last_blocks, eval_every=args.eval_every,
                    label_budgets=(tuple(args.label_budgets)
                                   if args.label_budgets is not None else None),
-                   supervised_epochs=args.supervised_epochs, test_subset=args.test_subset))
+                   supervised_epochs=args.supervised_epochs, test_subset=args.test_subset,
+                   val_size=args.val_size, budget_seconds=args.budget_seconds))
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -200,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        {"run": _run, "report": _report, "bench": _bench}[args.command](args)
+        {"run": _run, "report": _report, "bench": _bench,
+         "sweep": run_sweep}[args.command](args)
     except RunInterrupted as e:
         print(f"dinobench {args.command}: {e}", file=sys.stderr)
         return 128 + e.signum

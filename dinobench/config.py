@@ -40,6 +40,8 @@ class Recipe:
     out_dim: int = _f(4096, "K, the number of outputs the softmax runs over")
     head_hidden_dim: int = _f(2048, "hidden width of the official head's MLP")
     head_bottleneck_dim: int = _f(256, "bottleneck of the official head, before L2 norm")
+    head_bn: bool = _f(False, "official head: BatchNorm (batch statistics) after each hidden "
+                              "layer, which keeps the teacher's outputs apart on small data")
     freeze_last_layer_epochs: int = _f(1, "official head: its last layer is not updated "
                                           "during these first epochs")
     # --- sharpening and centering ---
@@ -49,6 +51,12 @@ class Recipe:
     warmup_teacher_temp_epochs: int = _f(30, "epochs of teacher-temperature warm-up; 0: "
                                             "constant from the start")
     center_momentum: float = _f(0.9, "m in c <- m c + (1 - m) mean(teacher outputs)")
+    centering: str = _f("momentum", "'momentum': teacher targets softmax((t - c) / tau_t) "
+                        "with the running center c (DINO); 'sinkhorn': Sinkhorn-Knopp "
+                        "balances the batch's targets over the outputs (SwAV, DINOv2; the "
+                        "center is still kept, for the record, but not used)")
+    sinkhorn_iterations: int = _f(3, "Sinkhorn-Knopp iterations per step (--centering "
+                                     "sinkhorn only)")
     teacher_momentum: float = _f(0.996, "lambda at step 0; cosine schedule to 1")
     # --- optimisation (AdamW) ---
     epochs: int = _f(100, "training epochs over the pre-training images (the seed's: "
@@ -67,7 +75,8 @@ class Recipe:
     local_scale: tuple[float, float] = _f((0.05, 0.4), "area fraction of a local crop")
     local_size_ratio: float = _f(0.5, "local crop side / global crop side")
     local_from_global: bool = _f(False, "the seed cuts each local crop from a global crop")
-    flip_p: float = _f(0.5, "probability of a horizontal flip")
+    flip_p: float | None = _f(0.5, "probability of a horizontal flip; 'auto': 0.5 on "
+                              "photographs, 0 on digits (a mirrored digit is another shape)")
     jitter_p: float = _f(0.8, "probability of colour jitter (3-channel data only)")
     jitter: tuple[float, float, float, float] = _f(
         (0.4, 0.4, 0.2, 0.1), "colour jitter strengths: brightness, contrast, saturation, hue")
@@ -76,10 +85,20 @@ class Recipe:
                                             "view, other global views, local views")
     blur_sigma: tuple[float, float] = _f((0.1, 2.0), "blur sigma range in pixels of a 224-px "
                                          "crop; scaled to the crop side")
-    solarize_p: float = _f(0.2, "probability of solarisation, second global view only")
+    solarize_p: float | None = _f(0.2, "probability of solarisation, second global view only; "
+                                  "'auto': 0.2 on photographs, 0 on digits (it turns white "
+                                  "ink on black into black)")
 
     def replace(self, **changes) -> Recipe:
         return dataclasses.replace(self, **changes)
+
+    def for_dataset(self, natural_images: bool) -> Recipe:
+        """The recipe with its 'auto' augmentations (None) decided for a dataset of
+        photographs (``natural_images``) or of digits."""
+        auto = {"flip_p": 0.5, "solarize_p": 0.2} if natural_images else {
+            "flip_p": 0.0, "solarize_p": 0.0}
+        decided = {k: v for k, v in auto.items() if getattr(self, k) is None}
+        return self.replace(**decided) if decided else self
 
     @property
     def n_crops(self) -> int:
@@ -102,6 +121,15 @@ class Recipe:
              f"--dim ({self.dim}) must be a multiple of --heads ({self.heads})")
         need(self.head in ("seed", "official"),
              f"--head must be 'seed' or 'official', got {self.head!r}")
+        need(not (self.head_bn and self.head == "seed"),
+             "--head-bn needs --head official: the seed head is one linear map, with no "
+             "hidden layer to normalise")
+        need(self.centering in CENTERINGS,
+             f"--centering must be 'momentum' or 'sinkhorn', got {self.centering!r}")
+        need(isinstance(self.sinkhorn_iterations, int) and self.sinkhorn_iterations >= 1,
+             f"--sinkhorn-iterations must be an integer of at least 1, got "
+             f"{self.sinkhorn_iterations!r}: Sinkhorn-Knopp needs one normalisation of each "
+             "kind to return probabilities (DINOv2 uses 3)")
         need(self.out_dim >= 2, f"--out-dim (K) must be at least 2, got {self.out_dim}: "
              "a softmax over one output carries no information")
         for f in ("student_temp", "teacher_temp", "warmup_teacher_temp", "lr"):
@@ -110,6 +138,8 @@ class Recipe:
         for f in ("center_momentum", "teacher_momentum", "drop_path", "flip_p", "jitter_p",
                   "grey_p", "solarize_p"):
             v = getattr(self, f)
+            if v is None and f in AUTO_FIELDS:
+                continue
             need(0.0 <= v <= 1.0, f"--{_flag(f)} must lie in [0, 1], got {v}")
         need(all(0.0 <= p <= 1.0 for p in self.blur_p),
              f"--blur-p values must lie in [0, 1], got {self.blur_p}")
@@ -139,6 +169,14 @@ class Recipe:
         return self
 
 
+# How the teacher's targets are kept from collapsing onto one output (``Recipe.centering``).
+CENTERINGS = ("momentum", "sinkhorn")
+
+
+# Fields that may be None: "auto", decided per dataset by Recipe.for_dataset.
+AUTO_FIELDS = ("flip_p", "solarize_p")
+
+
 def _flag(name: str) -> str:
     return name.replace("_", "-")
 
@@ -159,7 +197,34 @@ SEED = Recipe(
     local_from_global=True,
 )
 
-RECIPES: dict[str, Recipe] = {"seed": SEED, "official": OFFICIAL}
+# The official recipe made to learn on small data in minutes (docs/recipes.md has the
+# studies each choice comes from). Its changes, and why:
+SMALL = OFFICIAL.replace(
+    name="small",
+    # A randomly initialised ViT maps every image to nearly the same CLS feature, so the
+    # centred teacher is uniform from the first step and the student learns to be uniform
+    # (the uniform collapse the official recipe shows here). Batch norm in the head
+    # spreads the teacher's outputs over the batch from the start.
+    head_bn=True,
+    # A head and K sized for 10 classes and a few thousand images: K = 1,024 and
+    # K = 4,096 learnt more slowly within the same budget.
+    out_dim=256, head_hidden_dim=512, head_bottleneck_dim=128,
+    # No warm-up of tau_t: a run of minutes has no 30 epochs to spend on it.
+    teacher_temp=0.04, warmup_teacher_temp_epochs=0,
+    # Many small steps beat few large ones: width 128, depth 4, batch 32, and a teacher
+    # that follows the student within about a hundred steps.
+    dim=128, mlp_dim=512, depth=4, drop_path=0.0, batch_size=32, lr=8e-3,
+    warmup_epochs=1, teacher_momentum=0.99, n_local=4,
+    freeze_last_layer_epochs=1,
+    # Crops that keep a recognisable part of a 32-px object: a local crop of 5% of the
+    # image is a blob of a few source pixels.
+    global_scale=(0.5, 1.0), local_scale=(0.2, 0.5),
+    # Flip and solarisation where they keep the class: on photographs, not on digits.
+    flip_p=None, solarize_p=None,
+    epochs=30,
+)
+
+RECIPES: dict[str, Recipe] = {"seed": SEED, "official": OFFICIAL, "small": SMALL}
 
 
 def get_recipe(name: str) -> Recipe:
@@ -171,11 +236,20 @@ def get_recipe(name: str) -> Recipe:
 
 @dataclass(frozen=True)
 class Profile:
-    """A preset of run length and model size, applied on top of a recipe."""
+    """A preset of run length and model size, applied on top of a recipe.
+
+    ``per_recipe`` replaces ``changes`` for the recipes it names: a recipe that is already
+    sized for minutes (``small``) must not get the batch and learning rate that make the
+    paper's recipes move in a few hundred steps.
+    """
 
     name: str
     changes: dict = field(default_factory=dict)
     note: str = ""
+    per_recipe: dict = field(default_factory=dict)
+
+    def changes_for(self, recipe: str) -> dict:
+        return dict(self.per_recipe.get(recipe, self.changes))
 
 
 PROFILES: dict[str, Profile] = {
@@ -190,9 +264,25 @@ PROFILES: dict[str, Profile] = {
          "warmup_epochs": 1, "warmup_teacher_temp_epochs": 0, "n_local": 4,
          "drop_path": 0.0},
         "CPU minutes: 4 blocks, 10 epochs, batch 64, 4 local crops, lr 2e-3 per 256, "
-        "teacher momentum 0.99",
+        "teacher momentum 0.99 (the small recipe: unchanged, 30 epochs)",
+        per_recipe={"small": {"epochs": 30}},
     ),
 }
+
+
+def defaults_text(f: dataclasses.Field, show=str) -> str:
+    """A field's value in each preset ("seed / official / small", or one value where
+    they agree) and in the quick profile, for ``--help``; ``show`` formats a value."""
+    values = [getattr(r, f.name) for r in RECIPES.values()]
+    if f.name == "epochs" or (None in values and f.name not in AUTO_FIELDS):
+        text = "per dataset"
+    else:
+        shown = ["auto" if v is None else show(v) for v in values]
+        text = shown[0] if len(set(shown)) == 1 else " / ".join(shown)
+    quick = PROFILES["quick"].changes
+    if f.name in quick:
+        text += f"; quick profile: {show(quick[f.name])}"
+    return text
 
 
 def recipe_fields() -> list[dataclasses.Field]:

@@ -8,6 +8,7 @@ no-op for it.
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -47,16 +48,20 @@ def init(device: str | None) -> tuple[DistInfo, str | None]:
                     int(os.environ.get("LOCAL_RANK", 0)))
     use_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     global _HOST_GROUP
+    if use_cuda:
+        # Before the process group: NCCL binds its communicator to the current device,
+        # and without this every rank would first touch GPU 0 (a context there each).
+        torch.cuda.set_device(info.local_rank)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        kwargs = {}
+        if use_cuda and "device_id" in inspect.signature(dist.init_process_group).parameters:
+            # Binds the group to the rank's GPU up front, where this torch takes it: NCCL
+            # connects now, not at the first collective, and never guesses the device.
+            kwargs["device_id"] = torch.device("cuda", info.local_rank)
+        dist.init_process_group("nccl" if use_cuda else "gloo", **kwargs)
     # Collective on every rank, here, so that no rank creates it late.
     _HOST_GROUP = dist.new_group(backend="gloo")
-    if use_cuda:
-        torch.cuda.set_device(info.local_rank)
-        device = f"cuda:{info.local_rank}"
-    else:
-        device = "cpu"
-    return info, device
+    return info, f"cuda:{info.local_rank}" if use_cuda else "cpu"
 
 
 def current() -> DistInfo:

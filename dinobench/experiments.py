@@ -6,8 +6,9 @@ caller's context and ``seed``, ``seconds``) and figure data made of plain lists,
 ``report`` can redraw every table and figure from ``results.json`` alone.
 
 Models: ``dino-<recipe>`` (the teacher), ``random-init`` (a ViT of the same shape, never
-trained), ``uniform`` (equal attention everywhere; overlap metrics only) and
-``supervised`` (the same ViT trained from scratch with labels only).
+trained), ``pixels`` (the normalised raw pixels as features; k-NN and probe only),
+``uniform`` (equal attention everywhere; overlap metrics only) and ``supervised`` (the
+same ViT trained from scratch with labels only).
 """
 
 from __future__ import annotations
@@ -19,6 +20,12 @@ from dataclasses import dataclass
 
 import torch
 
+from .curves import (  # noqa: F401 (re-exported: the comparisons' public names)
+    dino_curve,
+    dino_epoch_evaluator,
+    supervised_curve,
+    validation_split,
+)
 from .data.composites import BACKGROUNDS, SIZES, composite_dataset
 from .data.registry import Dataset
 from .dino.multicrop import MultiCropConfig
@@ -33,7 +40,9 @@ from .eval.attention import (
 from .eval.features import extract_features
 from .eval.knn import knn_top1
 from .eval.linear_probe import DEFAULT_CS, linear_probe
+from .eval.pixels import pixel_features
 from .eval.supervised import SupervisedConfig, train_supervised
+from .eval.time_to_accuracy import time_to_knn, training_scores
 from .vit import ViT, ViTConfig
 
 INK_DATASETS = ("mnist", "digits")  # grey digits on black: the ink is the object
@@ -102,6 +111,17 @@ def _rows(dataset: str, model: str, scores: list[dict], context: dict, seed: int
             for s in scores]
 
 
+def training_rows(dataset: str, model: str, history: list[dict], *, context: dict,
+                  seed: int, levels: tuple[float, ...] | None) -> list[dict]:
+    """What training cost, from the trainer's records: ``train_seconds``,
+    ``eval_seconds``, ``images_per_s``; and, for each validation k-NN level in ``levels``
+    (%; None when nothing was evaluated during training), ``time_to_knn`` with
+    ``threshold`` (the level), ``value`` (train seconds of the first evaluation at or
+    above it, None if none was) and ``steps``."""
+    scores = (time_to_knn(history, levels) if levels else []) + training_scores(history)
+    return _rows(dataset, model, scores, context, seed, 0.0)
+
+
 def _overlap_scores(summary: dict, keep_mass: float) -> list[dict]:
     if summary["n_scored"] == 0:
         return []  # no image has a foreground patch: nothing to score
@@ -110,11 +130,44 @@ def _overlap_scores(summary: dict, keep_mass: float) -> list[dict]:
     return [{"metric": m, "value": summary[m], **extra} for m in OVERLAP_METRICS]
 
 
+def feature_scores(train: torch.Tensor, test: torch.Tensor, ds: Dataset,
+                   cfg: EvalConfig = DEFAULT_EVAL, *, labelled: torch.Tensor | None = None,
+                   val: tuple[torch.Tensor, torch.Tensor] | None = None, seed: int = 0,
+                   probe_features: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   probe_extra: dict | None = None) -> list[dict]:
+    """Scores of frozen train and test features: k-NN for every (k, T) in ``cfg.knn``
+    (the whole train split is the bank); with ``val`` = (validation rows, bank rows),
+    ``val_knn_top1`` at the first (k, T) (the measure training is followed by); the
+    linear probe on ``labelled`` train rows (default all) of ``probe_features`` (default
+    the same features) when ``cfg.probe``."""
+    num_classes, labels = ds.spec.num_classes, ds.train_labels
+    scores = [{"metric": knn_metric(k, t), "k": k, "temperature": t,
+               "value": knn_top1(train, labels, test, ds.test_labels, k=k,
+                                 temperature=t, num_classes=num_classes)}
+              for k, t in cfg.knn]
+    if val is not None:
+        (k, t), (rows, bank) = cfg.knn[0], val
+        scores.append({"metric": "val_knn_top1", "k": k, "temperature": t,
+                       "n_val": len(rows),
+                       "value": knn_top1(train[bank], labels[bank], train[rows],
+                                         labels[rows], k=k, temperature=t,
+                                         num_classes=num_classes)})
+    if cfg.probe:
+        train, test = probe_features or (train, test)
+        idx = labelled if labelled is not None else torch.arange(len(labels))
+        probe = linear_probe(train.cpu()[idx], labels[idx], test.cpu(),
+                             ds.test_labels, Cs=cfg.probe_cs, seed=seed)
+        scores.append({"metric": "linear_top1", "value": probe.top1, "C": probe.C,
+                       "n_labels": len(idx), **(probe_extra or {}),
+                       "converged": probe.converged})
+    return scores
+
+
 def evaluate_backbone(backbone: ViT, ds: Dataset, cfg: EvalConfig = DEFAULT_EVAL, *,
                       labelled: torch.Tensor | None = None, grid_masks: torch.Tensor | None
-                      = None, seed: int = 0, device=None) -> tuple[list[dict], torch.Tensor]:
-    """Scores of one backbone: k-NN for every (k, T) in ``cfg.knn`` (the whole train split
-    is the bank), the linear probe (on ``labelled`` train indices; default all), and the
+                      = None, val: tuple[torch.Tensor, torch.Tensor] | None = None,
+                      seed: int = 0, device=None) -> tuple[list[dict], torch.Tensor]:
+    """Scores of one backbone (:func:`feature_scores` of its CLS features) and the
     overlap scores when ``grid_masks`` (patch-level test foreground) are given.
 
     Returns ``[{"metric", "value", ...extras}]`` and the attention maps of the first
@@ -125,22 +178,15 @@ def evaluate_backbone(backbone: ViT, ds: Dataset, cfg: EvalConfig = DEFAULT_EVAL
                              device=device)
     test = extract_features(backbone, ds.test_images, mean, std, batch_size=bs,
                             device=device)
-    scores = [{"metric": knn_metric(k, t), "k": k, "temperature": t,
-               "value": knn_top1(train, ds.train_labels, test, ds.test_labels, k=k,
-                                 temperature=t, num_classes=ds.spec.num_classes)}
-              for k, t in cfg.knn]
-    if cfg.probe:
-        if cfg.n_last_blocks != 1:
-            train = extract_features(backbone, ds.train_images, mean, std, batch_size=bs,
-                                     device=device, n_last_blocks=cfg.n_last_blocks)
-            test = extract_features(backbone, ds.test_images, mean, std, batch_size=bs,
-                                    device=device, n_last_blocks=cfg.n_last_blocks)
-        idx = labelled if labelled is not None else torch.arange(len(ds.train_labels))
-        probe = linear_probe(train.cpu()[idx], ds.train_labels[idx], test.cpu(),
-                             ds.test_labels, Cs=cfg.probe_cs, seed=seed)
-        scores.append({"metric": "linear_top1", "value": probe.top1, "C": probe.C,
-                       "n_labels": len(idx), "n_last_blocks": cfg.n_last_blocks,
-                       "converged": probe.converged})
+    probe_features = None
+    if cfg.probe and cfg.n_last_blocks != 1:
+        probe_features = tuple(
+            extract_features(backbone, x, mean, std, batch_size=bs, device=device,
+                             n_last_blocks=cfg.n_last_blocks)
+            for x in (ds.train_images, ds.test_images))
+    scores = feature_scores(train, test, ds, cfg, labelled=labelled, val=val, seed=seed,
+                            probe_features=probe_features,
+                            probe_extra={"n_last_blocks": cfg.n_last_blocks})
     n_maps = ds.test_images.shape[0] if grid_masks is not None else cfg.attention_images
     maps = cls_attention_maps(backbone, ds.test_images[:n_maps], mean, std,
                               batch_size=bs, device=device)
@@ -152,11 +198,15 @@ def evaluate_backbone(backbone: ViT, ds: Dataset, cfg: EvalConfig = DEFAULT_EVAL
 
 def evaluate_models(ds: Dataset, models: dict[str, ViT], *, seed: int, context: dict,
                     cfg: EvalConfig = DEFAULT_EVAL, labelled: torch.Tensor | None = None,
-                    attention: bool = True, device=None) -> tuple[list[dict], dict]:
-    """Rows for every model in ``models`` (name -> backbone) on ``ds``, plus ``uniform``
-    overlap rows when the dataset has foreground masks; figure data ``{"attention":
-    [...]}`` (one item per dataset: the images, each model's head-mean maps, and the
-    patch foreground) when ``attention`` and ``cfg.attention_images > 0``."""
+                    val: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    pixels: bool = True, attention: bool = True, device=None
+                    ) -> tuple[list[dict], dict]:
+    """Rows for every model in ``models`` (name -> backbone) on ``ds``; with ``pixels``,
+    k-NN and probe rows of the raw-pixel reference ``pixels``; ``uniform`` overlap rows
+    when the dataset has foreground masks; ``val_knn_top1`` rows when ``val`` (validation
+    rows, bank rows) is given. Figure data ``{"attention": [...]}`` (one item per
+    dataset: the images, each model's head-mean maps, and the patch foreground) when
+    ``attention`` and ``cfg.attention_images > 0``."""
     masks = foreground_masks(ds)
     grid = next(iter(models.values())).cfg.grid
     grid_masks = patch_foreground(masks, grid) if masks is not None else None
@@ -164,9 +214,16 @@ def evaluate_models(ds: Dataset, models: dict[str, ViT], *, seed: int, context: 
     for name, backbone in models.items():
         t0 = time.perf_counter()
         scores, maps[name] = evaluate_backbone(backbone, ds, cfg, labelled=labelled,
-                                               grid_masks=grid_masks, seed=seed,
+                                               grid_masks=grid_masks, val=val, seed=seed,
                                                device=device)
         rows += _rows(ds.name, name, scores, context, seed, time.perf_counter() - t0)
+    if pixels:
+        t0 = time.perf_counter()
+        dev = device or next(next(iter(models.values())).parameters()).device
+        train, test = (pixel_features(x, ds.spec.mean, ds.spec.std, device=dev)
+                       for x in (ds.train_images, ds.test_images))
+        scores = feature_scores(train, test, ds, cfg, labelled=labelled, val=val, seed=seed)
+        rows += _rows(ds.name, "pixels", scores, context, seed, time.perf_counter() - t0)
     if grid_masks is not None:
         summary = uniform_overlap(grid_masks, cfg.keep_mass).summary()
         scores = _overlap_scores(summary, cfg.keep_mass)
@@ -241,58 +298,6 @@ def label_budget_comparison(ds: Dataset, teacher: ViT, *, model: str, crop_cfg:
         curves.append(supervised_curve(ds.name, sup.history, len(idx), seed))
         best = sup.model.backbone
     return rows, {"curves": curves}, best
-
-
-def supervised_curve(dataset: str, history: list[dict], n_labels: int, seed: int) -> dict:
-    return {"dataset": dataset, "model": "supervised", "seed": seed,
-            "label": f"supervised, {n_labels} labels",
-            "epoch": [h["epoch"] for h in history],
-            "loss": [h["train_loss"] for h in history], "loss_name": "cross-entropy",
-            "train_top1": [h["train_top1"] for h in history],
-            "test_top1": [h["test_top1"] for h in history]}
-
-
-def dino_curve(dataset: str, model: str, history: list[dict], seed: int) -> dict:
-    """Learning curve of a DINO run from the trainer's per-epoch records (those written
-    by :func:`dino_epoch_evaluator` carry the accuracies; other epochs hold None)."""
-    return {"dataset": dataset, "model": model, "seed": seed, "label": f"{model} (no labels)",
-            "epoch": [h["epoch"] for h in history],
-            "loss": [h["loss"] for h in history], "loss_name": "DINO loss",
-            "train_top1": [h.get("probe_train_top1") for h in history],
-            "test_top1": [h.get("knn_top1") for h in history],
-            "probe_top1": [h.get("probe_top1") for h in history]}
-
-
-def dino_epoch_evaluator(ds: Dataset, *, every: int, epochs: int, cfg: EvalConfig =
-                         DEFAULT_EVAL, labelled: torch.Tensor | None = None,
-                         probe: bool = False, device=None, k: int = 20,
-                         temperature: float = 0.07) -> Callable[[int, object], dict | None]:
-    """``on_epoch_end`` hook for :class:`DINOTrainer`: every ``every`` epochs and at the
-    last, k-NN top-1 of the teacher (``k``, ``temperature``), and with ``probe`` a linear
-    probe on the ``labelled`` train images (one C = 1.0, to stay cheap; the final probe
-    searches the grid) giving ``probe_train_top1`` and ``probe_top1``."""
-    if every < 1:
-        raise ValueError(f"--eval-every must be at least 1, got {every}")
-
-    def evaluate(epoch: int, teacher) -> dict | None:
-        if (epoch + 1) % every and epoch + 1 != epochs:
-            return None
-        backbone = getattr(teacher, "backbone", teacher)
-        mean, std = ds.spec.mean, ds.spec.std
-        train = extract_features(backbone, ds.train_images, mean, std,
-                                 batch_size=cfg.batch_size, device=device)
-        test = extract_features(backbone, ds.test_images, mean, std,
-                                batch_size=cfg.batch_size, device=device)
-        out = {"knn_top1": knn_top1(train, ds.train_labels, test, ds.test_labels, k=k,
-                                    temperature=temperature, num_classes=ds.spec.num_classes)}
-        if probe:
-            idx = labelled if labelled is not None else torch.arange(len(ds.train_labels))
-            p = linear_probe(train.cpu()[idx], ds.train_labels[idx], test.cpu(),
-                             ds.test_labels, Cs=(1.0,))
-            out.update(probe_train_top1=p.train_top1, probe_top1=p.top1)
-        return out
-
-    return evaluate
 
 
 def composite_benchmark(train_fn: Callable[[Dataset, int], tuple[ViT, dict]], *,

@@ -113,14 +113,17 @@ def attention_grid_figure(images, maps: dict[str, list], path: str | Path, title
 
 def learning_curves_figure(curves: list[dict], path: str | Path, title: str = "") -> None:
     """The seed's Figs. 5 and 6: one row per run, loss on the left and accuracy (train
-    and test, %) on the right, against the epoch. Missing points (None) are skipped."""
+    and test, or validation for DINO's curves, %) on the right, against the epoch.
+    Missing points (None) are skipped."""
     fig, axes = plt.subplots(len(curves), 2, figsize=(11, 3.2 * len(curves)), squeeze=False)
     for (ax_loss, ax_acc), c in zip(axes, curves):
         ax_loss.plot(c["epoch"], c["loss"], color="C0")
         ax_loss.set_ylabel(c.get("loss_name", "loss"))
         ax_loss.set_title(c.get("label", c.get("model", "")))
         for key, label, colour in (("train_top1", "train", "C1"), ("test_top1", "test", "C2"),
-                                   ("probe_top1", "linear probe (test)", "C3")):
+                                   ("probe_top1", "linear probe (test)", "C3"),
+                                   ("val_top1", "k-NN (validation)", "C2"),
+                                   ("val_probe_top1", "linear probe (validation)", "C3")):
             pts = [(e, v) for e, v in zip(c["epoch"], c.get(key) or []) if v is not None]
             if pts:
                 ax_acc.plot(*zip(*pts), marker=".", color=colour, label=label)
@@ -188,6 +191,45 @@ def lines_figure(panels: dict[str, dict[str, dict[str, tuple[list, list]]]],
             ax.legend(fontsize=7)
         for ax in ax_row[len(cols):]:
             ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def knn_time_figure(curves: list[dict], path: str | Path, references: dict | None = None,
+                    title: str = "") -> None:
+    """Validation k-NN (%) against seconds of training, one panel per dataset and one
+    line per curve (model and seed). Each curve holds ``train_seconds`` and ``val_top1``
+    (None where an epoch was not evaluated) and may hold ``levels``, the dataset's
+    time-to-accuracy levels, drawn as dotted lines. ``references[dataset][model]``: final
+    validation k-NN of references (raw pixels, random init), drawn dashed."""
+    references = references or {}
+    datasets = list(dict.fromkeys(c["dataset"] for c in curves))
+    cols = min(len(datasets), 3)
+    rows = math.ceil(len(datasets) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.8 * rows), squeeze=False)
+    for ax, dataset in zip(axes.flat, datasets):
+        mine = [c for c in curves if c["dataset"] == dataset]
+        for c in mine:
+            pts = [(t, v) for t, v in zip(c["train_seconds"], c["val_top1"])
+                   if t is not None and v is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker=".", label=f"{c['model']}, seed {c['seed']}")
+        for level in dict.fromkeys(lv for c in mine for lv in c.get("levels") or []):
+            ax.axhline(level, color="grey", linestyle=":", linewidth=0.7)
+        for i, (model, value) in enumerate((references.get(dataset) or {}).items()):
+            ax.axhline(value, color=f"C{7 + i}", linestyle="--", linewidth=1.0,
+                       label=f"{model} (reference)")
+        ax.set_title(dataset)
+        ax.set_xlabel("training time (s, evaluations excluded)")
+        ax.set_ylabel("validation k-NN top-1 (%)")
+        ax.set_ylim(0, 100)
+        ax.set_xlim(left=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in axes.flat[len(datasets):]:
+        ax.axis("off")
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -4,6 +4,7 @@ against, peak memory, and the machine's description."""
 
 from __future__ import annotations
 
+import os
 import platform
 import resource
 import statistics
@@ -42,6 +43,20 @@ class Timer:
         return time.perf_counter() - self._t0
 
 
+def cpu_count() -> int:
+    """CPUs this process may run on (``nproc``), not the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def reference_workers_default() -> int:
+    """``nproc - 2``, at least 1: the main process (the model step) and the pin-memory
+    thread keep a core each, so the reference's workers do not compete with them."""
+    return max(1, cpu_count() - 2)
+
+
 def time_repeats(fn, n: int, repeats: int, timer: Timer) -> list[float]:
     """Seconds per call of ``fn``, one value per repeat of ``n`` calls."""
     out = []
@@ -58,20 +73,37 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype | None = None) -> tuple[float, str]:
+def warm_up(fn, seconds: float, timer: Timer, calls: int = 1) -> int:
+    """Call ``fn`` in rounds of ``calls`` until ``seconds`` of it have run (one round at
+    least); return the number of calls. A GPU raises its clocks over the first fraction of
+    a second under load, so a peak timed straight away reads low."""
+    ran, n = 0.0, 0
+    while True:
+        ran += time_repeats(fn, calls, 1, timer)[0] * calls
+        n += calls
+        if ran >= seconds:
+            return n
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype | None = None,
+                warmup_s: float | None = None) -> tuple[float, str]:
     """Measured matmul FLOP/s, the best of several timings of ``n^3`` products in the
-    step's dtype (default: bf16 on CUDA, fp32 on a CPU): n = 8192 on CUDA, 2048 on a CPU.
-    Other processes on a shared CPU can only slow it down, so the best is the closest to
-    the machine's peak."""
+    step's dtype (default: bf16 on CUDA, fp32 on a CPU): n = 8192 on CUDA, 2048 on a CPU,
+    after ``warmup_s`` seconds of the same product (default: 1 s on CUDA, one call on a
+    CPU). Other processes on a shared CPU can only slow it down, so the best is the
+    closest to the machine's peak."""
     cuda = device.type == "cuda"
     dtype = dtype or (torch.bfloat16 if cuda else torch.float32)
     n, calls, repeats = (8192, 10, 3) if cuda else (2048, 1, 6)
+    warmup_s = (1.0 if cuda else 0.0) if warmup_s is None else warmup_s
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     timer = Timer(device)
-    time_repeats(lambda: a @ b, calls, 1, timer)  # warm-up
+    warm_up(lambda: a @ b, warmup_s, timer, calls)
     seconds = min(time_repeats(lambda: a @ b, calls, repeats, timer))
-    return 2 * n**3 / seconds, f"{str(dtype).split('.')[-1]} {n}^3 matmul, best of {repeats}"
+    warmed = f"{warmup_s:g} s warm-up" if warmup_s > 0 else "a warm-up call"
+    return 2 * n**3 / seconds, (f"{str(dtype).split('.')[-1]} {n}^3 matmul, best of "
+                                f"{repeats} after {warmed}")
 
 
 def _sdpa_cpu(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:

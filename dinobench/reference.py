@@ -9,21 +9,30 @@ What differs from dinobench (and only this):
 - attention through the explicit path (the ``(N x N)`` weights are materialised and
   soft-maxed), every module eager;
 - fp16 autocast with a gradient scaler on CUDA (fp32 on CPU), a ``loss.item()`` check per
-  step (one host synchronisation), AdamW with its default (non-fused) implementation.
+  step (one host synchronisation), AdamW with its default (non-fused) implementation;
+- its own parameter groups and positional-embedding resize, written here from the DINO
+  reference code rather than taken from dinobench: weight decay on every tensor but
+  biases and 1-D ones (so on the CLS token and the positional embeddings too, which
+  dinobench does not decay), and the resize by a scale factor with 0.1 added to the
+  target grid (dinobench resizes to the target grid exactly). ``docs/reference.md`` gives
+  the reasons; ``decay_embeddings=False, pos_embed="size"`` aligns both with dinobench,
+  which the test of equal steps does.
 
 What is shared: the ViT and head shapes and initialisation, :func:`dino_loss`,
-:func:`update_center`, :func:`ema_update_`, per-tensor gradient clipping and the parameter
-groups. Crop geometry and colour follow the recipe with the same probabilities.
+:func:`update_center`, :func:`ema_update_` and per-tensor gradient clipping. Crop geometry
+and colour follow the recipe with the same probabilities.
 """
 
 from __future__ import annotations
 
 import math
+import multiprocessing
 import random
 import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import torchvision.transforms as T
 from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader
@@ -34,8 +43,10 @@ from .dino.center import update_center
 from .dino.ema import ema_update_
 from .dino.loss import dino_loss
 from .dino.multicrop import MultiCropConfig
-from .dino.train import build_student_teacher, clip_per_tensor_, param_groups
-from .vit import Attention, ViTConfig
+from .dino.train import build_student_teacher, clip_per_tensor_
+from .vit import Attention, ViT, ViTConfig
+
+POS_EMBED = ("official", "size")  # the resize formulas ReferenceTrainer knows
 
 
 class PILGaussianBlur:
@@ -122,16 +133,28 @@ class ReferenceDataset(TorchDataset):
         return self.transform(img)
 
 
+def worker_start_method() -> str | None:
+    """``forkserver`` where the platform has it: workers start from a small server
+    process, not as forks of this one, which by then may hold a CUDA context, the
+    compiler's worker pool and their threads (a fork copies none of the threads, but
+    inherits any lock one of them held)."""
+    methods = multiprocessing.get_all_start_methods()
+    return "forkserver" if "forkserver" in methods else None
+
+
 def make_loader(images: torch.Tensor, cfg: MultiCropConfig, batch_size: int, *, workers: int,
-                pin_memory: bool = False, length: int | None = None, seed: int = 0
-                ) -> DataLoader:
+                pin_memory: bool = False, length: int | None = None, seed: int = 0,
+                prefetch_factor: int = 2) -> DataLoader:
     """A shuffling, batch-dropping DataLoader yielding lists of ``n_global + n_local``
-    batched crops ``(B, C, S, S)``."""
+    batched crops ``(B, C, S, S)``; ``prefetch_factor`` batches ahead per worker."""
     ds = ReferenceDataset(images, ReferenceMultiCrop(cfg, images.shape[1]), length)
+    parallel = {}
+    if workers > 0:
+        parallel = {"prefetch_factor": prefetch_factor, "persistent_workers": True,
+                    "multiprocessing_context": worker_start_method()}
     return DataLoader(ds, batch_size=batch_size, shuffle=True, drop_last=True,
                       num_workers=workers, pin_memory=pin_memory,
-                      persistent_workers=workers > 0,
-                      generator=torch.Generator().manual_seed(seed))
+                      generator=torch.Generator().manual_seed(seed), **parallel)
 
 
 def to_model_input(batch: list[torch.Tensor], n_global: int, device: torch.device
@@ -162,18 +185,79 @@ def use_explicit_attention_(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def reference_param_groups(model: torch.nn.Module, *, decay_embeddings: bool = True
+                           ) -> list[dict]:
+    """The DINO reference code's rule (``utils.get_params_groups``): no weight decay on
+    biases and 1-D tensors, decay on everything else. ``decay_embeddings=False`` also
+    spares the CLS token and the positional embeddings, as dinobench does."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        spared = name.endswith(".bias") or p.ndim == 1 or (
+            not decay_embeddings and name.split(".")[-1] in ("cls_token", "pos_embed"))
+        (no_decay if spared else decay).append(p)
+    return [{"params": decay, "decay": True}, {"params": no_decay, "decay": False,
+                                               "weight_decay": 0.0}]
+
+
+class ReferencePosEmbedViT(ViT):
+    """A ViT whose positional-embedding resize is the reference code's, through
+    ``F.interpolate`` (``pos_formula = "official"``), or bicubic to the exact target grid
+    (``"size"``, the values dinobench computes as a matrix)."""
+
+    pos_formula = "official"
+
+    def pos_embed_for(self, grid_h: int, grid_w: int) -> torch.Tensor:
+        g = self.cfg.grid
+        if (grid_h, grid_w) == (g, g):
+            return self.pos_embed
+        grid = self.pos_embed[:, 1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)
+        if self.pos_formula == "official":
+            # DINO's interpolate_pos_encoding: a scale factor, with 0.1 added to the target
+            # "to avoid floating point error in the interpolation" (the reference code
+            # writes (w, h) for the (height, width) axes; crops are square there and here).
+            grid = F.interpolate(grid, scale_factor=((grid_h + 0.1) / g, (grid_w + 0.1) / g),
+                                 mode="bicubic")
+        else:
+            grid = F.interpolate(grid, size=(grid_h, grid_w), mode="bicubic",
+                                 align_corners=False)
+        if tuple(grid.shape[-2:]) != (grid_h, grid_w):
+            raise ValueError(f"resized grid {tuple(grid.shape[-2:])}, wanted "
+                             f"{(grid_h, grid_w)}")
+        grid = grid.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1)
+        return torch.cat([self.pos_embed[:, :1], grid], dim=1)
+
+
+def use_reference_pos_embed_(model: torch.nn.Module, formula: str = "official"
+                             ) -> torch.nn.Module:
+    """Give every :class:`ViT` in ``model`` the reference resize, in place (the class is
+    swapped; parameters are unchanged)."""
+    if formula not in POS_EMBED:
+        raise ValueError(f"pos_embed must be one of {POS_EMBED}, got {formula!r}")
+    for m in model.modules():
+        if isinstance(m, ViT):
+            m.__class__ = ReferencePosEmbedViT
+            m.pos_formula = formula
+    return model
+
+
 class ReferenceTrainer:
-    """The DINO step of the reference code on crops already on the device."""
+    """The DINO step of the reference code on crops already on the device.
+
+    ``pos_embed`` and ``decay_embeddings`` choose the reference code's positional-
+    embedding resize and weight-decay rule (the defaults) or dinobench's."""
 
     def __init__(self, recipe: Recipe, vit_cfg: ViTConfig, *, device: torch.device | str,
-                 seed: int = 0):
+                 seed: int = 0, pos_embed: str = "official", decay_embeddings: bool = True):
         self.recipe = recipe.validate()
         self.device = torch.device(device)
         torch.manual_seed(seed)
         self.student, self.teacher = build_student_teacher(recipe, vit_cfg)
         for model in (self.student, self.teacher):
-            use_explicit_attention_(model).to(self.device)
-        self.optimizer = torch.optim.AdamW(param_groups(self.student), lr=0.0)
+            use_reference_pos_embed_(use_explicit_attention_(model), pos_embed).to(self.device)
+        self.optimizer = torch.optim.AdamW(
+            reference_param_groups(self.student, decay_embeddings=decay_embeddings), lr=0.0)
         cuda = self.device.type == "cuda"
         self.autocast = torch.autocast(self.device.type, dtype=torch.float16, enabled=cuda)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cuda)
@@ -212,7 +296,7 @@ class ReferenceTrainer:
 def time_reference_pipeline(trainer, pool: torch.Tensor, crop: MultiCropConfig,
                             step_kw: dict, *, batch_size: int, workers: int, warmup: int,
                             steps: int, repeats: int, time_loader: bool = True,
-                            seed: int = 0) -> dict:
+                            seed: int = 0, prefetch_factor: int = 2) -> dict:
     """Images/s of the reference pipeline on ``pool`` with ``trainer``'s recipe, ViT and
     device: end to end (``repeats`` x ``steps``), then one repeat each of its model step on
     fixed crops (no loader) and, with ``time_loader``, of its loader alone."""
@@ -221,9 +305,11 @@ def time_reference_pipeline(trainer, pool: torch.Tensor, crop: MultiCropConfig,
     device, B = trainer.device, batch_size
     timer = Timer(device)
     ref = ReferenceTrainer(trainer.recipe, trainer.vit_cfg, device=device, seed=seed)
-    n_batches = warmup + steps * (repeats + 2) + 2 * workers + 4
+    ahead = prefetch_factor * workers  # batches the workers hold ready
+    n_batches = warmup + steps * (repeats + 2) + ahead + 4
     loader = make_loader(pool.cpu(), crop, B, workers=workers,
-                         pin_memory=device.type == "cuda", length=B * n_batches, seed=seed)
+                         pin_memory=device.type == "cuda", length=B * n_batches, seed=seed,
+                         prefetch_factor=prefetch_factor)
     batches = iter(loader)
     fixed = to_model_input(next(batches), crop.n_global, device)
 
@@ -234,14 +320,16 @@ def time_reference_pipeline(trainer, pool: torch.Tensor, crop: MultiCropConfig,
         step()
     ips = [B / s for s in time_repeats(step, steps, repeats, timer)]
     mean, std = mean_std(ips)
-    out = {"workers": workers, "attention": "explicit, eager",
+    out = {"workers": workers, "prefetch_factor": prefetch_factor,
+           "start_method": (worker_start_method() or "default") if workers else "none",
+           "attention": "explicit, eager",
            "autocast": "float16" if device.type == "cuda" else "off (float32)",
            "images_per_s": mean, "images_per_s_std": std, "images_per_s_repeats": ips}
     model_s = time_repeats(lambda: ref.step(fixed, **step_kw), steps, 1, timer)[0]
     out["model_step_images_per_s"] = B / model_s
     if time_loader:
         # Drain what the workers prefetched while the model ran, then time production.
-        for _ in range(2 * workers + 1):
+        for _ in range(ahead + 1):
             next(batches)
         t0 = time.perf_counter()
         for _ in range(steps):

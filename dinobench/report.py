@@ -20,18 +20,24 @@ from .figures import (
     attention_figure,
     attention_grid_figure,
     bars_figure,
+    knn_time_figure,
     learning_curves_figure,
     lines_figure,
 )
 from .io import atomic_write_json, atomic_write_text
 
 KEY = ("dataset", "model", "metric")
-# Every score dinobench reports is a percentage (accuracy, Jaccard, mass, hit rate, area).
+# Scores are percentages (accuracy, Jaccard, mass, hit rate, area); the cost of training
+# is in seconds and images per second.
 UNITS = {m: "%" for m in (
-    "knn_top1", "knn_top1_k200_t0.1", "linear_top1", "label_budget_top1",
+    "knn_top1", "knn_top1_k200_t0.1", "val_knn_top1", "linear_top1", "label_budget_top1",
     "jaccard_best_head", "jaccard_mean_head", "mass_inside", "pointing_game", "fg_area",
-    "fg_scored")}
+    "fg_scored")} | {"time_to_knn": " s", "train_seconds": " s", "eval_seconds": " s",
+                     "images_per_s": " img/s"}
 OVERLAP = ("jaccard_best_head", "jaccard_mean_head", "mass_inside", "pointing_game")
+# Columns of the time-to-accuracy table after the levels: metric -> header.
+TIMING = {"val_knn_top1": "final val k-NN (%)", "train_seconds": "train s",
+          "eval_seconds": "eval s", "images_per_s": "images/s"}
 # Columns of the summary table: metric -> header.
 SUMMARY = {"knn_top1": "k-NN (k 20)", "knn_top1_k200_t0.1": "k-NN (k 200)",
            "linear_top1": "linear", "jaccard_best_head": "Jaccard, best head",
@@ -42,41 +48,55 @@ SUMMARY = {"knn_top1": "k-NN (k 20)", "knn_top1_k200_t0.1": "k-NN (k 200)",
 
 def summarize(rows: list[dict]) -> list[dict]:
     """Group rows by (dataset, model, metric) and, for label-budget rows, the number of
-    labels; mean and sample standard deviation over seeds, in first-seen order.
+    labels, for time-to-accuracy rows the level (``threshold``); mean and sample standard
+    deviation over seeds, in first-seen order.
 
     Rows flagged ``collapsed`` are left out of the mean and counted in ``n_collapsed``:
-    a collapsed model's score is not a measurement of what DINO learns."""
+    a collapsed model's score is not a measurement of what DINO learns. A value of None
+    (a level never reached) is counted in ``n_missing``, apart from the mean."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        key = tuple(row[k] for k in KEY) + (row.get("n_labels"),)
+        key = tuple(row[k] for k in KEY) + (row.get("n_labels"), row.get("threshold"))
         groups.setdefault(key, []).append(row)
     out = []
     for key, members in groups.items():
-        values = [float(r["value"]) for r in members if not r.get("collapsed")]
+        kept = [r["value"] for r in members if not r.get("collapsed")]
+        values = [float(v) for v in kept if v is not None and not math.isnan(float(v))]
         n = len(values)
         mean = sum(values) / n if n else math.nan
         std = (math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
                if n > 1 else 0.0)
         first = members[0]
         out.append({**dict(zip(KEY, key)), "mean": mean, "std": std, "n": n,
-                    "n_collapsed": len(members) - n,
+                    "n_collapsed": len(members) - len(kept),
+                    "n_missing": len(kept) - n, "threshold": key[-1],
                     "epochs": first.get("epochs"), "n_train": first.get("n_train"),
-                    "recipe": first.get("recipe"), "n_labels": key[-1],
+                    "recipe": first.get("recipe"), "n_labels": key[-2],
                     "background": first.get("background"),
                     "image_size": first.get("image_size")})
     return out
 
 
-def _fmt(mean: float, std: float, n: int, n_collapsed: int = 0) -> str:
+def _fmt(mean: float, std: float, n: int, n_collapsed: int = 0, n_missing: int = 0) -> str:
+    """A cell: ``mean ± std`` over the seeds measured; "not reached" when no seed's run
+    reached a time-to-accuracy level (and "k/n reached" when only some did)."""
     if n == 0:
-        return f"collapsed ({n_collapsed})" if n_collapsed else "—"
+        return ("not reached" if n_missing else
+                f"collapsed ({n_collapsed})" if n_collapsed else "—")
     text = f"{mean:.2f} ± {std:.2f}" if n > 1 else f"{mean:.2f}"
+    text += f" ({n}/{n + n_missing} reached)" if n_missing else ""
     return text + (f" ({n_collapsed} collapsed)" if n_collapsed else "")
+
+
+def _cell(s: dict) -> str:
+    return _fmt(s["mean"], s["std"], s["n"], s["n_collapsed"], s.get("n_missing", 0))
 
 
 def _metric_label(s: dict) -> str:
     if s["metric"] == "label_budget_top1":
         return f"{s['metric']} @ {s['n_labels']} labels"
+    if s.get("threshold") is not None:
+        return f"{s['metric']} @ {s['threshold']:g}%"
     return s["metric"]
 
 
@@ -87,8 +107,8 @@ def long_table(summary: list[dict]) -> str:
     for s in summary:
         unit = UNITS.get(s["metric"], "")
         lines.append(f"| {s['dataset']} | {s['model']} | {_metric_label(s)} | "
-                     f"{_fmt(s['mean'], s['std'], s['n'], s['n_collapsed'])}"
-                     f"{unit if s['n'] else ''} | {s['n']} | "
+                     f"{_cell(s)}"
+                     f"{unit if s['n'] else ''} | {s['n'] + s.get('n_missing', 0)} | "
                      f"{s['epochs']} | {s['n_train']} |")
     return "\n".join(lines) + "\n"
 
@@ -103,7 +123,7 @@ def _pivot(summary: list[dict], row_key, col_key, corner: list[str],
     for s in summary:
         r, c = row_key(s), col_key(s)
         seen += [c] if c not in seen else []
-        cells.setdefault(r, {})[c] = _fmt(s["mean"], s["std"], s["n"], s["n_collapsed"])
+        cells.setdefault(r, {})[c] = _cell(s)
     if not cells:
         return ""
     cols = seen if cols is None else cols
@@ -116,11 +136,12 @@ def _pivot(summary: list[dict], row_key, col_key, corner: list[str],
 
 
 def _model_rank(model: str) -> int:
-    """DINO first, then its references: the supervised ViT, random init, uniform."""
-    for rank, prefix in enumerate(("dino", "supervised", "random-init", "uniform")):
+    """DINO first, then its references: the supervised ViT, random init, raw pixels,
+    uniform."""
+    for rank, prefix in enumerate(("dino", "supervised", "random-init", "pixels", "uniform")):
         if model.startswith(prefix):
             return rank
-    return 4
+    return 5
 
 
 def _group_models(summary: list[dict], group) -> list[dict]:
@@ -142,13 +163,57 @@ def summary_table(summary: list[dict], leading: tuple[str, ...] = ()) -> str:
                   list(leading) + ["dataset", "model"], cols=cols)
 
 
+def pixels_note(summary: list[dict], leading: tuple[str, ...] = ()) -> str:
+    """A note for under the summary: per dataset, the models whose k-NN (k 20) is at or
+    below the raw pixels' (what k-NN gets from the images themselves), so that a
+    representation that does not beat its input reads that way. Empty without pixel
+    rows."""
+    knn = [s for s in summary if s["metric"] == "knn_top1" and s["n"]]
+    group = lambda s: tuple(s.get(k) for k in leading) + (s["dataset"],)
+    pixels = {group(s): s["mean"] for s in knn if s["model"] == "pixels"}
+    if not pixels:
+        return ""
+    lines = []
+    for g, ref in pixels.items():
+        below = [f"{s['model']} ({s['mean']:.2f})" for s in knn
+                 if group(s) == g and s["model"] != "pixels" and s["mean"] <= ref]
+        if below:
+            lines.append(f"- {' / '.join(map(str, g))}: {', '.join(below)}; raw pixels "
+                         f"{ref:.2f}")
+    if not lines:
+        return "Every model's k-NN (k 20) is above the raw pixels'.\n"
+    return ("k-NN (k 20) at or below the raw pixels' (these representations do not beat "
+            "the images they were given):\n\n" + "\n".join(lines) + "\n")
+
+
+def time_table(summary: list[dict]) -> str:
+    """Time to accuracy: one line per (dataset, model), the train seconds at which each
+    validation k-NN level was first reached ("not reached" when the run ended below it),
+    then the final validation k-NN and what training cost."""
+    keep = _group_models([s for s in summary if s["metric"] == "time_to_knn"
+                          or s["metric"] in TIMING], lambda s: s["dataset"])
+    if not any(s["metric"] == "time_to_knn" for s in keep):
+        return ""
+    label = lambda s: (f"≥ {s['threshold']:g}%" if s["metric"] == "time_to_knn"
+                       else TIMING[s["metric"]])
+    levels = list(dict.fromkeys(label(s) for s in keep if s["metric"] == "time_to_knn"))
+    cols = levels + [h for m, h in TIMING.items() if any(s["metric"] == m for s in keep)]
+    return _pivot(keep, lambda s: (s["dataset"], s["model"]), label, ["dataset", "model"],
+                  cols=cols)
+
+
 def to_markdown(rows: list[dict]) -> str:
     """The long table; when the rows hold more than k-NN, sections before it: a summary
     across datasets, labels versus no labels, and background x resolution."""
     summary = summarize(rows)
     if all(s["metric"] == "knn_top1" for s in summary):
         return long_table(summary)
-    sections = [("Summary (top-1 and overlap scores, %)", summary_table(summary)),
+    table = summary_table(summary)
+    sections = [("Summary (top-1 and overlap scores, %)",
+                 table + ("\n" + pixels_note(summary) if table and pixels_note(summary)
+                          else "")),
+                ("Time to validation k-NN (seconds of training, evaluations excluded)",
+                 time_table(summary)),
                 ("Labels versus no labels: test top-1 (%) by number of labelled images",
                  _pivot(_group_models([s for s in summary
                                        if s["metric"] == "label_budget_top1"],
@@ -209,7 +274,21 @@ def write_figures(out_dir: Path, figures: dict, rows: list[dict] | None = None
         path = out_dir / f"curves_{dataset}.png"
         learning_curves_figure(items, path, title=f"{dataset}: learning curves")
         written.append(path)
-    return written + _row_figures(out_dir, summarize(rows or []))
+    summary = summarize(rows or [])
+    timed = [c for c in figures.get("curves", []) if c.get("train_seconds")
+             and any(v is not None for v in c.get("val_top1") or [])]
+    if timed:  # every model and seed of the run, against the time it trained
+        references: dict[str, dict] = {}
+        for s in summary:
+            if s["metric"] == "val_knn_top1" and s["model"] in ("pixels", "random-init") \
+                    and s["n"]:
+                references.setdefault(s["dataset"], {})[s["model"]] = s["mean"]
+        path = out_dir / "knn_vs_time.png"
+        knn_time_figure(timed, path, references,
+                        title="validation k-NN against training time (dotted: the "
+                              "time-to-accuracy levels)")
+        written.append(path)
+    return written + _row_figures(out_dir, summary)
 
 
 def _row_figures(out_dir: Path, summary: list[dict]) -> list[Path]:
@@ -303,9 +382,10 @@ def index_markdown(root: str | Path) -> str:
     table = summary_table(summary, leading=("run",))
     if not table:
         return ""
+    note = pixels_note(summary, leading=("run",))
     return ("# Results\n\nTop-1 accuracies and attention-foreground overlap scores (%), "
             "mean ± std over seeds, gathered from every run folder here. Each run's "
-            "results.md holds all its tables.\n\n" + table)
+            "results.md holds all its tables.\n\n" + table + ("\n" + note if note else ""))
 
 
 def write_index(root: str | Path) -> str:

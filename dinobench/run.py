@@ -13,7 +13,6 @@ import dataclasses
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -26,12 +25,14 @@ from . import __version__, checkpoint
 from . import distributed as distrib
 from .config import PROFILES, Recipe, get_recipe
 from .data import COMPOSITES, SPECS, Dataset, DatasetSpec, known_datasets, load_dataset
+from .data.subsets import validation_count
 from .devices import default_device, resolve_device
 from .dino.faults import knn_at_chance
 from .dino.multicrop import MultiCropConfig
 from .dino.train import DINOTrainer, Interrupted
 from .errors import ConfigError, DataError, UserError
 from .eval.supervised import SupervisedConfig
+from .eval.time_to_accuracy import knn_levels
 from .experiments import (
     BUDGETS,
     EvalConfig,
@@ -42,7 +43,10 @@ from .experiments import (
     label_budget_comparison,
     merge_figures,
     random_init_like,
+    training_rows,
+    validation_split,
 )
+from .provenance import device_name, git_commit, set_deterministic
 from .report import write_results
 from .runfolder import RunFolder
 from .signals import StopOnSignal
@@ -54,7 +58,7 @@ DEFAULT_DATASETS = ("digits",)
 @dataclass
 class RunOptions:
     datasets: list[str] = field(default_factory=lambda: list(DEFAULT_DATASETS))
-    recipe: str = "seed"  # preset name: seed | official
+    recipe: str = "small"  # preset name: small | seed | official
     profile: str | None = None  # quick | full; None: quick for digits, full otherwise
     overrides: dict = field(default_factory=dict)  # recipe fields set on the command line
     seeds: list[int] = field(default_factory=lambda: [0])
@@ -69,6 +73,12 @@ class RunOptions:
     probe: bool = True  # linear probe on the frozen teacher features
     n_last_blocks: int = 1  # probe features: CLS tokens of the last n blocks (DINO: 4)
     eval_every: int | None = None  # k-NN every n epochs; None: the profile's; 0: off
+    # Held out of the train split's k-NN bank to measure training on (never the test
+    # split): a count, or a fraction in (0, 1); None: 10%, at most 5,000.
+    val_size: int | float | None = None
+    # Stop training once this many seconds of it (evaluation excluded) have passed; the
+    # schedules stay planned on the epochs, which the budget truncates. None: no budget.
+    budget_seconds: float | None = None
     label_budgets: tuple[float, ...] | None = None  # labels vs no labels; None: profile's
     supervised_epochs: int | None = None  # None: the DINO epochs
     # Reliability.
@@ -108,11 +118,11 @@ def resolve_recipe(opts: RunOptions, dataset: str, dataset_epochs: int) -> Recip
     if profile_name not in PROFILES:
         raise ConfigError(f"unknown profile {profile_name!r}; choose one of: "
                           f"{', '.join(PROFILES)}")
-    changes = dict(PROFILES[profile_name].changes)
+    changes = PROFILES[profile_name].changes_for(opts.recipe)
     changes.setdefault("epochs", dataset_epochs)
     changes.update(opts.overrides)
     try:
-        return recipe.replace(**changes).validate()
+        return recipe.replace(**changes).for_dataset(SPECS[dataset].natural_images).validate()
     except TypeError as e:
         raise ConfigError(f"bad recipe override: {e}") from None
 
@@ -122,32 +132,6 @@ def vit_config(recipe: Recipe, spec: DatasetSpec) -> ViTConfig:
                      grid=recipe.grid or spec.grid, in_chans=spec.channels,
                      dim=recipe.dim, depth=recipe.depth, heads=recipe.heads,
                      mlp_dim=recipe.mlp_dim)
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def git_commit() -> str | None:
-    """The package's commit, with ``+dirty`` when its files differ from it."""
-    here = Path(__file__).parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=5, cwd=here).stdout.strip()
-        if not head:
-            return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "."],
-                               capture_output=True, text=True, timeout=5, cwd=here).stdout
-        return head + ("+dirty" if dirty.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def set_deterministic() -> None:
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it
-    torch.use_deterministic_algorithms(True)
 
 
 def evaluation_config(opts: RunOptions) -> EvalConfig:
@@ -170,7 +154,10 @@ def label_budgets(opts: RunOptions, dataset: str) -> tuple[float, ...]:
 def eval_every(opts: RunOptions, dataset: str, epochs: int) -> int:
     if opts.eval_every is not None:
         return opts.eval_every
-    return 2 if opts.profile_name(dataset) == "quick" else max(1, epochs // 20)
+    # Time to accuracy is only as fine as the evaluations. In the quick profile one costs
+    # under a tenth of an epoch (digits, one CPU core: 1.1 s of CPU time for the features
+    # against 12.6 s of training per epoch), so every epoch; full runs evaluate 20 times.
+    return 1 if opts.profile_name(dataset) == "quick" else max(1, epochs // 20)
 
 
 def run_unit(ds: Dataset, seed: int, opts: RunOptions, folder: RunFolder, device: torch.device,
@@ -186,10 +173,15 @@ def run_unit(ds: Dataset, seed: int, opts: RunOptions, folder: RunFolder, device
     crop_cfg = MultiCropConfig.from_recipe(recipe, cfg.image_size, cfg.patch_size,
                                            ds.spec.mean, ds.spec.std)
     every = eval_every(opts, ds.name, recipe.epochs)
-    on_epoch_end = (dino_epoch_evaluator(ds, every=every, epochs=recipe.epochs,
+    val = validation_split(ds, opts.val_size)
+    on_epoch_end = (dino_epoch_evaluator(ds, every=every, epochs=recipe.epochs, val=val,
                                          cfg=evaluation_config(opts), device=device,
                                          k=opts.knn_k, temperature=opts.knn_temperature)
                     if every else None)
+    if opts.compile:  # units would share Dynamo's per-function cache up to its limit
+        from .compiling import fresh_compile_state
+
+        fresh_compile_state(log)
     trainer = DINOTrainer(recipe, cfg, crop_cfg, device=device, seed=seed,
                           compile=opts.compile, log_path=folder.train_log(ds.name, seed),
                           progress=opts.progress, log=log, dist=info,
@@ -198,7 +190,9 @@ def run_unit(ds: Dataset, seed: int, opts: RunOptions, folder: RunFolder, device
                 "fingerprint": checkpoint.fingerprint(ds.pretrain_images), "seed": seed,
                 "world_size": info.world_size, "device": device.type,
                 "recipe": dataclasses.asdict(recipe),
-                "vit": dataclasses.asdict(cfg)}
+                "vit": dataclasses.asdict(cfg),
+                # The records' validation k-NN must all come from one validation subset.
+                "val_size": opts.val_size}
     ckpt_path = folder.checkpoint(ds.name, seed)
     if opts.resume and ckpt_path.exists():
         saved = checkpoint.load(ckpt_path)
@@ -215,7 +209,7 @@ def run_unit(ds: Dataset, seed: int, opts: RunOptions, folder: RunFolder, device
     try:
         result = trainer.fit(ds.pretrain_images, checkpoint=save,
                              checkpoint_every=opts.checkpoint_every,
-                             should_stop=stop.requested)
+                             should_stop=stop.requested, max_seconds=opts.budget_seconds)
     except Interrupted as e:
         raise RunInterrupted(f"{e} by signal {stop.signum}; checkpoint saved to {ckpt_path}; "
                              "continue with the same command plus --resume",
@@ -228,6 +222,10 @@ def run_unit(ds: Dataset, seed: int, opts: RunOptions, folder: RunFolder, device
                "image_size": cfg.image_size, "grid": cfg.grid}
     if ds.name in COMPOSITES:
         context["background"] = ds.name.split("-")[1]
+    if opts.budget_seconds is not None:  # say where the budget cut the planned epochs
+        context.update(budget_seconds=opts.budget_seconds, budget_stop=result.budget_stop,
+                       epochs_done=round(trainer.step_count / trainer.steps_per_epoch(
+                           int(ds.pretrain_images.shape[0])), 3))
     eval_cfg = evaluation_config(opts)
     models = {model: result.teacher.backbone,
               "random-init": random_init_like(cfg, seed, device)}
@@ -249,8 +247,10 @@ def run_unit(ds: Dataset, seed: int, opts: RunOptions, folder: RunFolder, device
         figures = merge_figures(figures, b_figures)
         models["supervised"] = supervised
     e_rows, e_figures = evaluate_models(ds, models, seed=seed, context=context, cfg=eval_cfg,
-                                        attention=seed == opts.seeds[0], device=device)
-    rows = e_rows + rows
+                                        val=val, attention=seed == opts.seeds[0],
+                                        device=device)
+    rows = e_rows + training_rows(ds.name, model, result.history, context=context, seed=seed,
+                                  levels=knn_levels(ds.name) if every else None) + rows
     figures = merge_figures(figures, e_figures)
 
     headline = knn_metric(opts.knn_k, opts.knn_temperature)
@@ -261,7 +261,7 @@ def run_unit(ds: Dataset, seed: int, opts: RunOptions, folder: RunFolder, device
     for r in rows:
         r["collapsed"] = bool(collapsed) and r["model"] == model
         r["collapse_reason"] = (collapsed or "") if r["model"] == model else ""
-    train_seconds = round(sum(h["seconds"] for h in result.history), 3)
+    train_seconds = round(result.history[-1]["train_seconds"], 3)
     for r in rows:
         if r["model"] == model and r["metric"] == headline:
             r["train_seconds"] = train_seconds
@@ -292,6 +292,10 @@ def check_options(opts: RunOptions) -> None:
     if opts.checkpoint_every < 0:
         raise ConfigError(f"--checkpoint-every must not be negative, got "
                           f"{opts.checkpoint_every}")
+    if opts.budget_seconds is not None and not 0 < opts.budget_seconds < float("inf"):
+        raise ConfigError(f"--budget-seconds must be a positive number of seconds, got "
+                          f"{opts.budget_seconds}")
+    validation_count(1, opts.val_size)  # its type and range, before any data is loaded
     world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
     for name in opts.datasets:
         if name not in SPECS:
@@ -315,6 +319,7 @@ def check_data(opts: RunOptions, datasets: list[Dataset]) -> None:
         if n < recipe.batch_size:
             raise ConfigError(f"--batch-size {recipe.batch_size} exceeds the {n:,} "
                               f"pre-training images of {ds.name}; lower --batch-size")
+        validation_split(ds, opts.val_size)  # a hold-out the split cannot give fails here
 
 
 def default_out(opts: RunOptions) -> Path:

@@ -2,7 +2,10 @@
 
 Pre-norm blocks, a CLS token and learnt positional embeddings on a fixed patch grid
 (``patch = image_size / grid``). Crops of another size keep the patch size and get
-positional embeddings interpolated to their grid, as in DINO. Attention runs through
+positional embeddings interpolated to their grid, as in DINO: bicubic, the values of
+``F.interpolate(..., size=grid, mode="bicubic", align_corners=False)``, applied as one
+fixed matrix per pair of grids so that forward and backward are matmuls (the backward
+of CUDA's bicubic interpolation has no deterministic kernel). Attention runs through
 ``F.scaled_dot_product_attention`` (fused kernels) for training; the explicit path,
 used only to read attention maps, computes the same thing and returns the weights.
 """
@@ -43,6 +46,76 @@ class ViTConfig:
     @property
     def patch_size(self) -> int:
         return self.image_size // self.grid
+
+
+# Keys (1981) cubic convolution with a = -0.75, the kernel of PyTorch's bicubic mode.
+_CUBIC_A = -0.75
+
+
+def _cubic_taps(t: torch.Tensor) -> torch.Tensor:
+    """Weights ``(..., 4)`` of the taps at ``floor(x) - 1 .. floor(x) + 2`` for the
+    fractional offsets ``t = x - floor(x)``."""
+    a = _CUBIC_A
+
+    def near(d):  # |d| <= 1
+        return ((a + 2) * d - (a + 3)) * d * d + 1
+
+    def far(d):  # 1 < |d| < 2
+        return ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+
+    return torch.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], dim=-1)
+
+
+def bicubic_matrix_1d(n_in: int, n_out: int, device=None) -> torch.Tensor:
+    """``(n_out, n_in)`` float64 matrix of 1-D bicubic resampling with half-pixel centres
+    (``align_corners=False``): output ``i`` samples input position
+    ``(i + 0.5) * n_in / n_out - 0.5``; taps beyond the edge take the edge value. Built
+    from ``arange`` and comparisons only (no scatter, no host copy)."""
+    x = (torch.arange(n_out, device=device, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5
+    x0 = torch.floor(x)
+    taps = x0[:, None] + torch.arange(-1, 3, device=device, dtype=torch.float64)
+    taps = taps.clamp(0, n_in - 1)  # (n_out, 4) input index of each tap
+    cols = torch.arange(n_in, device=device, dtype=torch.float64)
+    hit = (taps[..., None] == cols).to(torch.float64)  # (n_out, 4, n_in)
+    return (hit * _cubic_taps(x - x0)[..., None]).sum(1)
+
+
+def bicubic_matrix_2d(src: tuple[int, int], dst: tuple[int, int], device=None,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``(dst_h * dst_w, src_h * src_w)``: the row-major flattened grid times this matrix
+    is ``F.interpolate(grid, size=dst, mode="bicubic", align_corners=False)``. Bicubic
+    resampling is separable, so the matrix is the Kronecker product of the 1-D ones."""
+    mh = bicubic_matrix_1d(src[0], dst[0], device)
+    mw = bicubic_matrix_1d(src[1], dst[1], device)
+    m = mh[:, None, :, None] * mw[None, :, None, :]  # (dh, dw, sh, sw)
+    return m.reshape(dst[0] * dst[1], src[0] * src[1]).to(dtype)
+
+
+_RESIZE_CACHE: dict[tuple, torch.Tensor] = {}
+
+
+def _compiling() -> bool:
+    fn = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(fn()) if fn is not None else bool(torch._dynamo.is_compiling())
+
+
+def pos_resize_matrix(src: tuple[int, int], dst: tuple[int, int], device: torch.device,
+                      dtype: torch.dtype) -> torch.Tensor:
+    """:func:`bicubic_matrix_2d`, built once per (source grid, target grid, device,
+    dtype) in eager mode. Inside ``torch.compile`` it is built in the graph instead (a few
+    small kernels from ``arange``): a cached tensor read while tracing would be a global
+    the graph guards on, and a cache filled while tracing would not survive the trace."""
+    if _compiling():
+        return bicubic_matrix_2d(src, dst, device, dtype)
+    key = (tuple(src), tuple(dst), torch.device(device), dtype)
+    m = _RESIZE_CACHE.get(key)
+    if m is None:
+        # A plain tensor even when first asked for under inference_mode, so a later
+        # training step can save it for backward.
+        with torch.inference_mode(False), torch.no_grad():
+            m = bicubic_matrix_2d(src, dst, device, dtype)
+        _RESIZE_CACHE[key] = m
+    return m
 
 
 class DropPath(nn.Module):
@@ -132,13 +205,12 @@ class ViT(nn.Module):
         g = self.cfg.grid
         if (grid_h, grid_w) == (g, g):
             return self.pos_embed
-        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
-        # (1, g*g, D) -> (1, D, g, g) for 2-D bicubic resampling, then back.
-        patch_pos = patch_pos.reshape(1, g, g, -1).permute(0, 3, 1, 2)
-        patch_pos = F.interpolate(patch_pos, size=(grid_h, grid_w), mode="bicubic",
-                                  align_corners=False)
-        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1)
-        return torch.cat([cls_pos, patch_pos], dim=1)
+        pe = self.pos_embed
+        m = pos_resize_matrix((g, g), (grid_h, grid_w), pe.device, pe.dtype)
+        # float32 as F.interpolate computed it: autocast would round the table to bf16.
+        with torch.autocast(pe.device.type, enabled=False):
+            patch_pos = m @ pe[0, 1:]  # (gh*gw, g*g) @ (g*g, D)
+        return torch.cat([pe[:, :1], patch_pos[None]], dim=1)
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Patch tokens with CLS prepended and positions added: ``(B, 1 + N, D)``."""

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from dinobench.eval.time_to_accuracy import TIMED_METRICS
+
 REPO = Path(__file__).resolve().parents[1]
 # The real MNIST and CIFAR-10 copies (Keras .npz), beside the repository; tests that read
 # them are marked real_data and skip with the reason when they are absent.
@@ -52,8 +54,15 @@ def wait_for_epochs(log_path: Path, n: int, proc: subprocess.Popen,
 
 
 def rows(run_dir: Path, drop=("seconds", "train_seconds")) -> list[dict]:
+    """The run's rows without wall-clock measurements (they differ between identical
+    runs): the ``drop`` keys, and the value of a timed metric, of which only whether it
+    was reached is kept."""
     data = json.loads((run_dir / "results.json").read_text())
-    return [{k: v for k, v in r.items() if k not in drop} for r in data["rows"]]
+    out = [{k: v for k, v in r.items() if k not in drop} for r in data["rows"]]
+    for r in out:
+        if r["metric"] in TIMED_METRICS:
+            r["value"] = r["value"] is not None
+    return out
 
 
 def trainer_state(run_dir: Path, dataset: str = "digits", seed: int = 0) -> dict:

@@ -1,6 +1,7 @@
-"""The bench command and the reference pipeline: FLOP counting, crop shapes, honesty of the
-comparison (same math, explicit attention), options, JSON output. No timing assertions:
-speed targets live in ``dinobench bench`` output and in benchmarks/ only."""
+"""The bench command: FLOP counting, options, JSON output written part by part, live
+logging; on CUDA, the step without host synchronisation (eager, compiled, inside fit) and
+compiled without recompiles. The reference pipeline has test_reference.py. No timing
+assertions: speed targets live in ``dinobench bench`` output and in benchmarks/ only."""
 
 from __future__ import annotations
 
@@ -66,72 +67,6 @@ def test_formula_is_the_documented_seed_count():
     assert perf.step_flops_formula(cfg, crop, head) == pytest.approx(10.2e9, rel=0.01)
 
 
-@pytest.mark.parametrize("channels", [1, 3])
-def test_reference_crops_have_the_recipe_shapes_and_normalisation(channels):
-    _, _, crop = _tiny(channels=channels, jitter_p=0.0, grey_p=0.0, blur_p=(0.0, 0.0, 0.0),
-                       solarize_p=0.0)
-    images = torch.full((2, channels, 32, 32), 128, dtype=torch.uint8)
-    crops = reference.ReferenceDataset(images, reference.ReferenceMultiCrop(crop, channels))[1]
-    assert [tuple(c.shape) for c in crops] == ([(channels, 32, 32)] * 2
-                                               + [(channels, 16, 16)] * 4)
-    for c in crops:  # a flat image stays flat: ToTensor then Normalize(0.5, 0.25)
-        assert c.dtype == torch.float32
-        torch.testing.assert_close(c, torch.full_like(c, (128 / 255 - 0.5) / 0.25))
-
-
-def test_reference_loader_batches_are_crop_major():
-    _, _, crop = _tiny(jitter_p=0.0, grey_p=0.0, blur_p=(0.0, 0.0, 0.0), solarize_p=0.0)
-    values = torch.arange(8, dtype=torch.uint8) * 30  # one flat grey level per image
-    images = values.view(8, 1, 1, 1).expand(8, 3, 32, 32).contiguous()
-    loader = reference.make_loader(images, crop, 4, workers=0)
-    glob, local = reference.to_model_input(next(iter(loader)), crop.n_global,
-                                           torch.device("cpu"))
-    assert glob.shape == (2 * 4, 3, 32, 32) and local.shape == (4 * 4, 3, 16, 16)
-    level = glob[:, 0, 0, 0]
-    # Crop v of image b sits at row v * B + b: each view block holds the same images.
-    torch.testing.assert_close(level[:4], level[4:])
-    torch.testing.assert_close(local[:, 0, 0, 0].view(4, 4), level[:4].expand(4, 4))
-
-
-def test_reference_model_takes_the_explicit_attention_path(monkeypatch):
-    cfg = ViTConfig(image_size=32, grid=8, in_chans=3, dim=32, depth=2, heads=2, mlp_dim=64)
-    torch.manual_seed(0)
-    fused = ViT(cfg).eval()
-    explicit = reference.use_explicit_attention_(ViT(cfg).eval())
-    explicit.load_state_dict(fused.state_dict())  # same names, same values
-    x = torch.randn(3, 3, 32, 32)
-    torch.testing.assert_close(explicit(x), fused(x), rtol=1e-4, atol=1e-5)
-
-    def no_sdpa(*args, **kwargs):
-        raise AssertionError("fused attention called")
-
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", no_sdpa)
-    explicit(x)  # never reaches the fused kernel
-    with pytest.raises(AssertionError, match="fused attention"):
-        fused(x)
-
-
-def test_reference_step_is_the_same_math_as_dinobench():
-    # Without stochastic depth both trainers start equal; fed the same crops, one step
-    # must give the same loss and the same student (fp32 on a CPU).
-    recipe, cfg, crop = _tiny("official", drop_path=0.0)
-    ours = DINOTrainer(recipe, cfg, crop, seed=3, progress=False, log=lambda s: None)
-    ref = reference.ReferenceTrainer(recipe, cfg, device="cpu", seed=3)
-    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
-    crops = ours.multicrop(images, torch.Generator().manual_seed(1))
-    ours.multicrop = lambda batch, gen: crops
-    kw = {"lr": 1e-3, "wd": 0.04, "momentum": 0.9, "teacher_temp": 0.05,
-          "freeze_last_layer": False}
-    loss = ours.step(images, None, **kw)["loss"]
-    assert ref.step(crops, **kw) == pytest.approx(float(loss), rel=1e-5)
-    # Adam's first update is about lr * sign(grad) everywhere, so a few elements whose
-    # gradient is rounding noise (the key bias: softmax ignores it) may differ by a small
-    # fraction of lr; a different optimizer, lr or gradient would differ by about lr.
-    for (name, a), b in zip(ours.student.named_parameters(), ref.student.parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0.02 * kw["lr"], msg=name)
-    torch.testing.assert_close(ours.center, ref.center)
-
-
 def test_options_are_checked():
     with pytest.raises(ConfigError, match="--batch-size"):
         bench.BenchOptions(device="cpu", batch_size=0).resolved()
@@ -192,8 +127,53 @@ def test_run_bench_writes_one_complete_json(tmp_path, capsys):
     assert r["mfu"] == pytest.approx(r["achieved_flop_per_s"] / r["matmul_peak_flop_per_s"])
     assert r["speedup"] == pytest.approx(r["images_per_s"] / r["reference"]["images_per_s"])
     assert r["reference"]["loader_images_per_s"] > 0 and r["knn"]["seconds"] > 0
+    assert r["parts"] == ["step", "flops", "peak", "reference", "knn"]
+    assert r["first_step_seconds"] > 0 and r["compile_seconds"] >= 0
     out = capsys.readouterr().out
     assert "| images/s |" in out and "| speed-up (same run, same device) |" in out
+    assert "| first step (compilation included) |" in out
+
+
+def test_each_part_is_logged_and_saved_as_soon_as_it_exists(tmp_path):
+    """A run stopped after any part keeps what it measured: when a figure is logged, the
+    JSON on disk already holds it, and the parts still to come are not there."""
+    path = tmp_path / "bench.json"
+    seen = []
+
+    def log(msg: str) -> None:
+        on_disk = json.loads(path.read_text()) if path.exists() else {}
+        seen.append((msg, on_disk.get("parts", [])))
+
+    r = bench.bench(bench.BenchOptions(device="cpu", depth=1, batch_size=4, steps=1,
+                                       repeats=1, warmup=1, compare=True,
+                                       reference_workers=0, knn=True, knn_train=32,
+                                       knn_test=8), log=log, path=path)
+
+    def first(text):
+        return next(parts for msg, parts in seen if text in msg)
+
+    assert first("first step") == [] and first("images/s,") == []
+    assert first("GFLOP per image") == ["step"]
+    assert first("matmul peak") == ["step", "flops"]
+    assert first("speed-up") == ["step", "flops", "peak"]
+    assert first("k-NN 32 x 8:") == ["step", "flops", "peak", "reference"]
+    assert json.loads(path.read_text())["parts"] == r["parts"]
+    # Every line after the heading carries the seconds since the start.
+    assert all(msg.lstrip().startswith("[") and " s] " in msg for msg, _ in seen[1:])
+
+
+def test_warm_up_runs_for_the_asked_seconds():
+    class FakeTimer:  # every round of calls "takes" 0.5 s
+        def start(self):
+            pass
+
+        def stop(self):
+            return 0.5
+
+    calls = []
+    assert perf.warm_up(lambda: calls.append(1), 1.0, FakeTimer(), calls=2) == 4
+    assert len(calls) == 4
+    assert perf.warm_up(lambda: None, 0.0, FakeTimer()) == 1  # one round at least
 
 
 def test_a_failing_compiler_falls_back_to_eager(monkeypatch, tmp_path):
@@ -209,23 +189,62 @@ def test_a_failing_compiler_falls_back_to_eager(monkeypatch, tmp_path):
     assert r["images_per_s"] > 0
 
 
-@gpu
-def test_cuda_step_makes_no_host_sync():
-    """The step must never make the host wait for the GPU (no .item(), no blocking
-    copies): that is what lets the CPU queue work ahead."""
-    recipe, cfg, crop = _tiny()
-    trainer = DINOTrainer(recipe, cfg, crop, device="cuda", progress=False, log=lambda s: None)
-    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, device="cuda")
+STEP_KW = {"lr": 1e-4, "wd": 0.04, "momentum": 0.99, "teacher_temp": 0.05,
+           "freeze_last_layer": False}
+
+
+def _cuda_trainer(compile: bool, **changes) -> DINOTrainer:
+    """A CUDA trainer past its first steps (compilation, lazy initialisation: these may
+    synchronise)."""
+    recipe, cfg, crop = _tiny(**changes)
+    trainer = DINOTrainer(recipe, cfg, crop, device="cuda", compile=compile,
+                          progress=False, log=print)
+    images = torch.randint(0, 256, (recipe.batch_size, 3, 32, 32), dtype=torch.uint8,
+                           device="cuda")
     gen = torch.Generator("cuda").manual_seed(0)
-    kw = {"lr": 1e-4, "wd": 0.04, "momentum": 0.99, "teacher_temp": 0.05,
-          "freeze_last_layer": False}
-    trainer.step(images, gen, **kw)  # first call: lazy initialisation may sync
+    for _ in range(2):
+        trainer.step(images, gen, **STEP_KW)
     torch.cuda.synchronize()
+    assert trainer.student_fwd is not trainer.student or not compile  # still compiled
+    return trainer
+
+
+@gpu
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_cuda_step_makes_no_host_sync(compile):
+    """The step must never make the host wait for the GPU (no .item(), no blocking
+    copies): that is what lets the CPU queue work ahead. Backward included: a sync there
+    raises through the autograd engine."""
+    trainer = _cuda_trainer(compile)
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, device="cuda")
+    gen = torch.Generator("cuda").manual_seed(1)
     torch.cuda.set_sync_debug_mode("error")
     try:
-        trainer.step(images, gen, **kw)
+        trainer.step(images, gen, **STEP_KW)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def _fit_syncs(compile: bool, steps: int) -> int:
+    """Host synchronisations of the CUDA runtime during a one-epoch ``fit`` of ``steps``
+    steps, counted by the profiler on every thread (the backward's too)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    trainer = _cuda_trainer(compile, epochs=1)
+    images = torch.randint(0, 256, (steps * 4, 3, 32, 32), dtype=torch.uint8)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        trainer.fit(images)
+    return sum("Synchronize" in e.name for e in prof.events())
+
+
+@gpu
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_cuda_fit_synchronises_per_epoch_not_per_step(compile):
+    """fit() reads its running sums once per epoch: an epoch of 8 steps waits for the
+    GPU exactly as often as an epoch of 2."""
+    few, many = _fit_syncs(compile, 2), _fit_syncs(compile, 8)
+    assert few > 0  # the counter sees the epoch's own synchronisation
+    assert many == few, f"{many - few} more synchronisations for 6 more steps"
 
 
 @gpu
@@ -242,11 +261,19 @@ def test_explicit_and_fused_attention_agree_under_bf16_on_cuda():
 
 @gpu
 def test_bench_runs_compiled_on_cuda(tmp_path):
+    """Compiled: two graphs (student, teacher), no graph break, no recompile through the
+    warm-up and timed steps."""
+    from torch._dynamo.utils import counters
+
     r = bench.bench(bench.BenchOptions(device="cuda", depth=1, batch_size=32, steps=3,
                                        repeats=2, warmup=2, compile=True, out=tmp_path),
                     log=lambda s: None)
-    assert r["compile"] == "on"
+    assert r["compile"] == "on" and r["recompile_limit_hits"] == []
     assert r["images_per_s"] > 0 and 0 < r["mfu"] < 1 and r["peak_memory_bytes"] > 0
+    assert r["compile_seconds"] > 0 and r["first_step_seconds"] >= r["compile_seconds"]
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["frames"]["total"] == counters["frames"]["ok"] == 2
 
 
 def test_precision_option_sets_the_step_autocast_and_the_peak_dtype():

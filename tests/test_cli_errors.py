@@ -35,6 +35,12 @@ BAD_FLAGS = [
     (["--image-size", "0"], "--image-size must be at least 1"),
     (["--blur-sigma", "0.1", "inf"], "finite"),
     (["--knn-k", "0"], "--knn-k must be at least 1"),
+    (["--budget-seconds", "0"], "--budget-seconds must be a positive number of seconds"),
+    (["--budget-seconds", "nan"], "--budget-seconds must be a positive number of seconds"),
+    (["--val-size", "ten"], "--val-size takes a count (500) or a fraction (0.1)"),
+    (["--val-size", "1.5"], "--val-size 1.5 as a fraction must lie in (0, 1)"),
+    (["--val-size", "5"], "--val-size 5 is below the 10 classes"),
+    (["--val-size", "1340"], "--val-size 1,340 leaves no k-NN bank image for some class"),
 ]
 
 

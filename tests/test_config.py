@@ -11,12 +11,12 @@ from dinobench.dino.schedules import teacher_temp_schedule
 from dinobench.errors import ConfigError, UserError
 
 
-@pytest.mark.parametrize("name", ["seed", "official"])
+@pytest.mark.parametrize("name", ["seed", "official", "small"])
 def test_presets_validate(name):
-    recipe = get_recipe(name)
+    assert RECIPES[name] is get_recipe(name)
+    recipe = get_recipe(name).for_dataset(natural_images=True)
     assert recipe.validate() is recipe
     assert recipe.name == name
-    assert RECIPES[name] is recipe
 
 
 def test_seed_matches_design():
@@ -118,3 +118,45 @@ def test_boundary_values_accepted():
     """The edges of each range are valid: momentum 0 and 1, scale low == high, K = 2."""
     OFFICIAL.replace(center_momentum=0.0, teacher_momentum=1.0, out_dim=2,
                      global_scale=(1.0, 1.0), local_scale=(0.3, 0.3)).validate()
+
+
+def test_small_differs_from_official_only_where_it_says():
+    """The small recipe is the official one with the changes listed in config.py; every
+    other field (temperatures of the student, centering, schedules' ends, crops'
+    counts) is the paper's."""
+    small, official = get_recipe("small"), OFFICIAL
+    changed = {f.name for f in dataclasses.fields(Recipe)
+               if getattr(small, f.name) != getattr(official, f.name)}
+    assert changed == {
+        "name", "head_bn", "out_dim", "head_hidden_dim", "head_bottleneck_dim",
+        "teacher_temp", "warmup_teacher_temp_epochs", "dim",
+        "mlp_dim", "depth", "drop_path", "batch_size", "lr", "warmup_epochs",
+        "teacher_momentum", "n_local", "global_scale", "local_scale", "flip_p",
+        "solarize_p", "epochs"}
+    assert small.head == "official" and small.head_bn
+    assert small.student_temp == official.student_temp == 0.1
+
+
+@pytest.mark.parametrize("natural, flip, solarize", [(True, 0.5, 0.2), (False, 0.0, 0.0)])
+def test_auto_augmentations_follow_the_dataset(natural, flip, solarize):
+    """'auto' (None) flip and solarisation: the official values on photographs, off on
+    digits. Values set explicitly are kept whatever the data."""
+    r = get_recipe("small").for_dataset(natural)
+    assert (r.flip_p, r.solarize_p) == (flip, solarize)
+    fixed = get_recipe("small").replace(flip_p=0.3).for_dataset(natural)
+    assert fixed.flip_p == 0.3
+    assert SEED.for_dataset(natural) == SEED  # the paper's presets have no 'auto' field
+
+
+def test_auto_augmentation_must_be_decided_before_cropping():
+    from dinobench.dino.multicrop import MultiCropConfig
+    with pytest.raises(ValueError, match="for_dataset"):
+        MultiCropConfig.from_recipe(get_recipe("small"), 32, 8, (0.5,), (0.5,))
+
+
+def test_quick_profile_leaves_the_small_recipe_sized_as_it_is():
+    from dinobench.config import PROFILES
+    quick = PROFILES["quick"]
+    assert quick.changes_for("small") == {"epochs": 30}
+    assert quick.changes_for("seed") == quick.changes  # the paper's presets: unchanged
+    assert quick.changes_for("seed") is not quick.changes  # a copy the caller may change

@@ -47,6 +47,11 @@ def test_the_budget_decides_residency():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("resident", [True, False])
 def test_cuda_batches_match_resident_or_streamed(resident):
+    """Batches are used on the main stream the way training uses them: consumed by
+    kernels queued behind others, never synchronised one by one (a ``.cpu()`` per batch
+    would wait for every copy and hide a missing ``wait_event``, and would keep the main
+    stream idle, hiding a buffer reused before the main stream had read it, which
+    ``record_stream`` prevents). Results stay on the device and are compared once."""
     images = _images(1_001)
     source = DeviceImages(images, "cuda", resident=resident)
     assert source.resident == resident
@@ -55,9 +60,12 @@ def test_cuda_batches_match_resident_or_streamed(resident):
     for drop_last in (True, False):
         want = _expected(images, order, 64, drop_last)
         got = []
-        for batch in source.epoch_batches(order, 64, drop_last=drop_last):
+        for i, batch in enumerate(source.epoch_batches(order, 64, drop_last=drop_last)):
             assert batch.is_cuda and batch.dtype == torch.uint8
-            got.append((batch.float() * 1).to(torch.uint8).cpu())  # use it on the main stream
-        torch.cuda.synchronize()
+            if i % 2:  # the main stream falls behind the copies ...
+                torch.cuda._sleep(2_000_000)
+            # ... or reads the batch at once; the copy it makes outlives the batch.
+            got.append(batch.to(torch.int16) + 0)
         assert len(got) == len(want)
-        assert all(torch.equal(g, w) for g, w in zip(got, want))
+        got = torch.cat(got).cpu()  # one synchronisation, at the end
+        assert torch.equal(got, torch.cat(want).to(torch.int16))

@@ -9,7 +9,12 @@ import torch
 
 from dinobench.data.registry import SPECS
 from dinobench.data.splits import RawSplits, build_dataset
-from dinobench.data.subsets import per_class_indices, random_indices, stratified_indices
+from dinobench.data.subsets import (
+    per_class_indices,
+    random_indices,
+    stratified_indices,
+    validation_indices,
+)
 from dinobench.errors import DataError
 
 # Unbalanced on purpose: 50, 30, 20 images of classes 0, 1, 2 (and 7 of class 9).
@@ -126,3 +131,46 @@ def test_the_data_seed_picks_the_rows():
     b = build_dataset(_raw(), SPECS["cifar10"], train_subset=20, seed=0)
     c = build_dataset(_raw(), SPECS["cifar10"], train_subset=20, seed=1)
     assert _ids(a.train_images) == _ids(b.train_images) != _ids(c.train_images)
+
+
+# --- the validation subset training is measured on ------------------------------------
+
+
+def test_validation_is_stratified_seeded_and_disjoint_from_the_bank():
+    val, bank = validation_indices(LABELS, None, rng(0))  # default: 10% of 107
+    assert len(val) == 11 and np.all(np.diff(val) > 0)
+    assert np.array_equal(np.sort(np.concatenate([val, bank])), np.arange(len(LABELS)))
+    # Shares of 11: 5.1, 3.1, 2.1, 0.7 -> 5, 3, 2, and class 9 gets its one image.
+    assert np.bincount(LABELS[val], minlength=10)[[0, 1, 2, 9]].tolist() == [5, 3, 2, 1]
+    again, _ = validation_indices(LABELS, None, rng(0))
+    assert np.array_equal(val, again)
+    assert not np.array_equal(val, validation_indices(LABELS, None, rng(1))[0])
+
+
+@pytest.mark.parametrize(("size", "n"), [(0.5, 54), (20, 20), (4, 4), (0.01, 4)])
+def test_validation_counts_and_fractions(size, n):
+    val, bank = validation_indices(LABELS, size, rng())
+    assert len(val) == n  # a fraction below one per class is raised to one per class
+    assert set(np.unique(LABELS[val])) == set(np.unique(LABELS[bank])) == {0, 1, 2, 9}
+
+
+def test_validation_default_is_capped():
+    labels = np.repeat(np.arange(10), 6000)  # 60,000 images: 10% would be 6,000
+    val, bank = validation_indices(labels, None, rng())
+    assert len(val) == 5000 and len(bank) == 55000
+
+
+@pytest.mark.parametrize(("size", "message"), [
+    (3, "--val-size 3 is below the 4 classes"),
+    (104, "--val-size 104 leaves no k-NN bank image for some class; choose at most 103"),
+    (1.0, "--val-size 1.0 as a fraction must lie in (0, 1)"),
+    (0, "--val-size must be at least 1"),
+])
+def test_validation_sizes_it_cannot_give_are_errors(size, message):
+    with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        validation_indices(LABELS, size, rng())
+
+
+def test_a_class_of_one_image_cannot_be_split():
+    with pytest.raises(DataError, match="class 5 has a single labelled train image"):
+        validation_indices(np.array([0, 0, 5]), None, rng())

@@ -31,6 +31,8 @@ from dinobench.experiments import (
     label_budget_comparison,
     merge_figures,
     random_init_like,
+    training_rows,
+    validation_split,
 )
 from dinobench.figures import uint8_images
 from dinobench.report import rebuild, to_markdown, write_index, write_results
@@ -120,7 +122,8 @@ def run_pipeline(ds: Dataset, data_dir: Path, out: Path, backgrounds, sizes, n_c
                           warmup_epochs=0)
     crop = MultiCropConfig.from_recipe(recipe, cfg.image_size, cfg.patch_size,
                                        ds.spec.mean, ds.spec.std)
-    hook = dino_epoch_evaluator(ds, every=1, epochs=2, cfg=EVAL, probe=True)
+    val = validation_split(ds)
+    hook = dino_epoch_evaluator(ds, every=1, epochs=2, val=val, cfg=EVAL, probe=True)
     trainer = DINOTrainer(recipe, cfg, crop, seed=0, progress=False, log=lambda s: None,
                           on_epoch_end=hook, log_path=out / "train.jsonl")
     teacher = trainer.fit(ds.pretrain_images).teacher.backbone
@@ -132,7 +135,9 @@ def run_pipeline(ds: Dataset, data_dir: Path, out: Path, backgrounds, sizes, n_c
         budgets=(0.3, 1.0), sup_cfg=sup, cfg=EVAL)
     models = {"dino-seed": teacher, "random-init": random_init_like(cfg, 0),
               "supervised": supervised}
-    r, f_eval = evaluate_models(ds, models, seed=0, context=context, cfg=EVAL)
+    r, f_eval = evaluate_models(ds, models, seed=0, context=context, cfg=EVAL, val=val)
+    r += training_rows(ds.name, "dino-seed", trainer.history, context=context, seed=0,
+                       levels=(10.0, 99.9))
     logged = []
 
     def train_fn(comp: Dataset, seed: int):  # untrained teachers keep the test fast
@@ -157,19 +162,27 @@ def trainer_history(out: Path) -> list[dict]:
 def check_outputs(out: Path, rows: list[dict], datasets: list[str]) -> None:
     history = trainer_history(out)
     assert [h["epoch"] for h in history] == [1, 2]
-    assert all("knn_top1" in h and "probe_top1" in h for h in history)
+    # Training is measured on the validation subset only: no test-split key per epoch.
+    assert all("val_knn_top1" in h and "val_probe_top1" in h and "knn_top1" not in h
+               and "probe_top1" not in h for h in history)
     models = {r["model"] for r in rows}
-    assert {"dino-seed", "random-init", "uniform", "supervised"} <= models
+    assert {"dino-seed", "random-init", "pixels", "uniform", "supervised"} <= models
     metrics = {r["metric"] for r in rows}
-    assert {"knn_top1", "knn_top1_k200_t0.1", "linear_top1", "label_budget_top1",
-            "jaccard_best_head", "jaccard_mean_head", "mass_inside", "pointing_game",
-            "fg_area", "fg_scored"} <= metrics
+    assert {"knn_top1", "knn_top1_k200_t0.1", "val_knn_top1", "linear_top1",
+            "label_budget_top1", "jaccard_best_head", "jaccard_mean_head", "mass_inside",
+            "pointing_game", "fg_area", "fg_scored", "time_to_knn", "train_seconds"} <= metrics
+    # The final evaluation's validation k-NN of the teacher is the last epoch's.
+    final = next(r["value"] for r in rows if r["model"] == "dino-seed"
+                 and r["metric"] == "val_knn_top1" and r["dataset"] == datasets[0])
+    assert final == history[-1]["val_knn_top1"]
     md = (out / "results.md").read_text()
-    for title in ("## Summary", "## Labels versus no labels",
+    for title in ("## Summary", "## Time to validation k-NN", "## Labels versus no labels",
                   "## Background and resolution: jaccard_best_head", "## All rows"):
         assert title in md
+    assert "not reached" in md  # the 99.9% level
     figures = ["curves_" + datasets[0], "label_budget_" + datasets[0],
-               "overlap_" + datasets[0], "composites"] + [f"attention_{d}" for d in datasets]
+               "overlap_" + datasets[0], "composites", "knn_vs_time"] + [
+        f"attention_{d}" for d in datasets]
     paths = [out / f"{name}.png" for name in figures]
     assert all(p.stat().st_size > 1000 for p in paths)
     # The report rebuilds the same tables (byte for byte) and every figure from the JSON.
@@ -193,7 +206,7 @@ def test_pipeline_writes_every_table_and_figure_and_rebuilds(tmp_path):
     comp = {(r["background"], r["image_size"]) for r in rows if "background" in r}
     assert comp == {("none", 16), ("none", 32), ("natural", 16), ("natural", 32)}
     comp_models = {r["model"] for r in rows if "background" in r}
-    assert comp_models == {"dino-seed", "random-init", "uniform", "supervised"}
+    assert comp_models == {"dino-seed", "random-init", "pixels", "uniform", "supervised"}
     check_outputs(out, rows, ["digits", "mnist-none-16", "mnist-natural-32"])
 
 

@@ -18,14 +18,23 @@ from helpers import TINY
 LOG_10 = math.log(10)
 
 
-def _history(entropies, log_k=LOG_10):
-    return [{"teacher_entropy": h, "log_k": log_k} for h in entropies]
+def _history(entropies, marginals=None, kl=0.0, log_k=LOG_10):
+    """Epoch records; by default the batch-mean target is as sharp as each image's (every
+    image on the same output) and the student has caught up (KL 0)."""
+    marginals = entropies if marginals is None else marginals
+    return [{"teacher_entropy": h, "marginal_entropy": m, "kl": kl, "log_k": log_k}
+            for h, m in zip(entropies, marginals, strict=True)]
 
 
 def test_collapse_reason_bands():
     log_k = math.log(10)
     assert collapse_reason(_history([1.2, 1.1, 1.0])) is None
     assert "one output" in collapse_reason(_history([1.5, 0.01, 0.02, 0.0]))
+    # Just as sharp per image, but the images spread over the outputs: the teacher DINO
+    # aims for, not a collapse.
+    assert collapse_reason(_history([1.5, 0.01, 0.02, 0.0], [2.0, 2.1, 2.2, 2.2])) is None
+    # A student still far from the teacher (KL well above 0) has not collapsed yet.
+    assert collapse_reason(_history([1.5, 0.01, 0.02, 0.0], kl=1.0)) is None
     assert "uniform" in collapse_reason(_history([0.5, log_k, 0.999 * log_k, log_k]))
     # Only the tail counts: a teacher that starts uniform and then learns is fine.
     assert collapse_reason(_history([log_k, log_k, log_k, 1.0])) is None

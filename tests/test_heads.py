@@ -149,3 +149,46 @@ def test_fit_freezes_last_layer_in_epoch_zero(tiny_recipe, tiny_vit_cfg):
     assert not torch.equal(seen[0]["backbone.patch_embed.weight"],
                            init["backbone.patch_embed.weight"])
     assert not torch.equal(seen[1]["head.last_layer_v"], init["head.last_layer_v"])
+
+
+def test_head_batch_norm_uses_batch_statistics_in_eval_mode():
+    """--head-bn: each hidden layer is normalised over the batch in hand, in eval mode
+    too (the teacher), checked against a float64 forward written out by hand."""
+    torch.manual_seed(0)
+    head = DINOHead(6, 5, hidden_dim=8, bottleneck_dim=4, batch_norm=True).eval()
+    x = torch.randn(7, 6)
+    lin1, _, _, lin2, _, _, lin3 = head.mlp
+
+    def bn(h):  # biased variance, eps 1e-5, weight 1 and bias 0 at initialisation
+        return (h - h.mean(0)) / (h.var(0, unbiased=False) + 1e-5).sqrt()
+
+    def gelu(h):
+        return 0.5 * h * (1 + torch.erf(h / 2**0.5))
+
+    d = {k: v.double() for k, v in head.state_dict().items()}
+    h = gelu(bn(x.double() @ d["mlp.0.weight"].T + d["mlp.0.bias"]))
+    h = gelu(bn(h @ d["mlp.3.weight"].T + d["mlp.3.bias"]))
+    z = h @ d["mlp.6.weight"].T + d["mlp.6.bias"]
+    z = z / z.norm(dim=1, keepdim=True)
+    v = d["last_layer_v"] / d["last_layer_v"].norm(dim=1, keepdim=True)
+    assert torch.allclose(head(x).double(), z @ v.T, atol=1e-5)
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) and m.running_mean is not None
+                   for m in head.modules())
+
+
+def test_head_batch_norm_spreads_nearly_identical_inputs():
+    """The reason for the option: features that barely differ between images (a random
+    ViT's CLS) give nearly equal logits without batch norm and distinct ones with it."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 16) + 1e-3 * torch.randn(32, 16)
+    spread = {}
+    for bn in (False, True):
+        torch.manual_seed(1)
+        logits = DINOHead(16, 64, hidden_dim=32, bottleneck_dim=8, batch_norm=bn)(x)
+        spread[bn] = (logits - logits.mean(0)).std().item()
+    assert spread[False] < 1e-2 < 0.1 < spread[True]
+
+
+def test_batch_norm_is_an_official_head_option_only():
+    with pytest.raises(ValueError, match="seed head"):
+        build_head("seed", 8, 3, batch_norm=True)

@@ -3,6 +3,8 @@ weight decay on matrices only, and a state_dict that holds everything training c
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from dinobench.dino.multicrop import MultiCropConfig
@@ -75,7 +77,10 @@ def test_a_state_saved_mid_epoch_continues_exactly(tiny_recipe, tiny_vit_cfg):
     for name, t in straight.teacher.state_dict().items():
         assert torch.equal(second.teacher.state_dict()[name], t), name
     assert torch.equal(second.center, straight.center)
-    assert [h["loss"] for h in second.history] == [h["loss"] for h in straight.history]
+    # The values summed over the interrupted epoch: the loss and the collapse diagnostics.
+    summed = ("loss", "kl", "teacher_entropy", "marginal_entropy", "outputs_used")
+    assert ([[h[k] for k in summed] for h in second.history]
+            == [[h[k] for k in summed] for h in straight.history])
 
 
 def test_state_dict_covers_every_attribute_training_changes(tiny_recipe, tiny_vit_cfg):
@@ -89,9 +94,112 @@ def test_state_dict_covers_every_attribute_training_changes(tiny_recipe, tiny_vi
     saved_as = {"student": "student", "teacher": "teacher", "optimizer": "optimizer",
                 "center": "center", "epoch": "epoch", "step_count": "step", "pos": "pos",
                 "order": "order", "order_gen": "order_rng", "history": "history",
-                "aug_gen": "ranks", "sums": "ranks", "first_bad_step": "ranks"}
+                "train_seconds": "train_seconds", "aug_gen": "ranks", "sums": "ranks",
+                "first_bad_step": "ranks"}
     state = trainer.state_dict()
     for attr in vars(trainer):
         assert attr in rebuilt or attr in saved_as, f"{attr} is neither saved nor rebuilt"
         if attr in saved_as:
             assert saved_as[attr] in state
+
+
+class FakeClock:
+    """A ``time`` stand-in for the trainer: each training step takes exactly one second,
+    and whatever else advances it is said by the test, so timings are exact."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def _fake_clock(monkeypatch) -> FakeClock:
+    """Put a :class:`FakeClock` in the trainer's place of ``time``; one second a step."""
+    import dinobench.dino.train as train_module
+
+    clock = FakeClock()
+    monkeypatch.setattr(train_module, "time", clock)
+    step = DINOTrainer.step
+
+    def one_second_step(self, *args, **kwargs):
+        clock.now += 1.0
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(DINOTrainer, "step", one_second_step)
+    return clock
+
+
+def _timed_trainer(recipe, cfg, hook=None):
+    crop = MultiCropConfig.from_recipe(recipe, 16, 4, (0.5,), (0.25,))
+    return DINOTrainer(recipe, cfg, crop, seed=3, progress=False, log=lambda m: None,
+                       on_epoch_end=hook)
+
+
+def test_records_count_training_time_apart_from_evaluation_and_checkpoints(
+        tiny_recipe, tiny_vit_cfg, monkeypatch):
+    clock, calls = _fake_clock(monkeypatch), []
+
+    def slow_evaluation(epoch, teacher):
+        clock.now += 100.0  # evaluation time must not count as training
+        calls.append(epoch)
+        return {"val_knn_top1": 50.0}
+
+    def slow_checkpoint(trainer):
+        clock.now += 1000.0
+
+    recipe = tiny_recipe.replace(epochs=3)
+    trainer = _timed_trainer(recipe, tiny_vit_cfg, slow_evaluation)
+    images = torch.randint(0, 256, (40, 1, 16, 16), dtype=torch.uint8)  # 5 steps an epoch
+    result = trainer.fit(images, checkpoint=slow_checkpoint, checkpoint_every=1)
+    h = result.history
+    assert [r["train_seconds"] for r in h] == [5.0, 10.0, 15.0]
+    assert [r["eval_seconds"] for r in h] == [100.0] * 3
+    assert [r["images_seen"] for r in h] == [5 * 8, 10 * 8, 15 * 8]
+    assert calls == [0, 1, 2] and not result.budget_stop
+
+
+def test_a_time_budget_cuts_training_and_a_larger_one_continues_exactly(
+        tiny_recipe, tiny_vit_cfg, monkeypatch):
+    recipe = tiny_recipe.replace(epochs=3, drop_path=0.2)
+    images = torch.randint(0, 256, (40, 1, 16, 16), dtype=torch.uint8)  # 5 steps an epoch
+    _fake_clock(monkeypatch)
+    finals = []
+
+    def hook(epoch, teacher, final=False):
+        finals.append((epoch, final))
+        return {"val_knn_top1": 10.0 * (epoch + 1)}
+
+    straight = _timed_trainer(recipe, tiny_vit_cfg, hook)
+    straight.fit(images)
+
+    saved = {}
+    cut = _timed_trainer(recipe, tiny_vit_cfg, hook)
+    finals.clear()
+    result = cut.fit(images, checkpoint=lambda tr: saved.update(tr.state_dict()),
+                     max_seconds=7.5)
+    # 7.5 s is passed by step 8, the third of epoch 2: training ends there, is
+    # evaluated there (final=True) and checkpointed, inside the epoch.
+    assert result.budget_stop and cut.step_count == 8
+    last = result.history[-1]
+    assert (last["epoch"], last["step"], last["train_seconds"]) == (2, 8, 8.0)
+    assert last["images_seen"] == 8 * 8 and math.isfinite(last["loss"])
+    assert last["budget_stop"] and not any("budget_stop" in r for r in result.history[:-1])
+    assert finals == [(0, False), (1, True)]
+    assert saved["step"] == 8 and saved["pos"] == 3 and saved["train_seconds"] == 8.0
+
+    same = _timed_trainer(recipe, tiny_vit_cfg, hook)
+    same.load_state_dict(saved)
+    again = same.fit(images, max_seconds=7.5)  # its budget is spent: nothing to do
+    assert again.budget_stop and same.step_count == 8 and len(again.history) == 2
+
+    more = _timed_trainer(recipe, tiny_vit_cfg, hook)
+    more.load_state_dict(saved)
+    done = more.fit(images, max_seconds=100.0)
+    assert not done.budget_stop and more.step_count == 15
+    assert done.history[-1]["train_seconds"] == 15.0  # continued from the saved 8 s
+    for name, t in straight.student.state_dict().items():
+        assert torch.equal(more.student.state_dict()[name], t), name
+    # The continued epoch 2 averages all of its steps, as the uncut run did.
+    full = [r for r in done.history if r["step"] % 5 == 0]
+    assert [r["loss"] for r in full] == [r["loss"] for r in straight.history]

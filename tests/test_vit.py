@@ -183,3 +183,59 @@ def test_drop_path_one_drops_the_branch_without_nan():
     assert torch.equal(out, torch.zeros(4, 3))
     vit = small_vit(drop_path=1.0).train()
     assert torch.isfinite(vit(torch.randn(2, 3, 16, 16))).all()
+
+
+def _interpolated_pos_embed(pos_embed: torch.Tensor, g: int, gh: int, gw: int):
+    """The resize as F.interpolate computes it: bicubic on the (D, g, g) table."""
+    grid = pos_embed[:, 1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)
+    grid = torch.nn.functional.interpolate(grid, size=(gh, gw), mode="bicubic",
+                                           align_corners=False)
+    return torch.cat([pos_embed[:, :1], grid.permute(0, 2, 3, 1).reshape(1, gh * gw, -1)],
+                     dim=1)
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.float64, 1e-13)])
+@pytest.mark.parametrize("grid,target", [(8, (4, 4)), (8, (6, 6)), (8, (2, 6)), (4, (7, 5)),
+                                         (6, (3, 3))])
+def test_pos_embed_resize_is_bicubic_interpolate_forward_and_gradient(grid, target, dtype,
+                                                                      atol):
+    """The matrix resize gives F.interpolate's values and gradients on random tables,
+    down- and upsampling, square and not: float32 within rounding, float64 to 1e-13."""
+    vit = ViT(ViTConfig(image_size=4 * grid, grid=grid, in_chans=1, dim=16, depth=1,
+                        heads=2, mlp_dim=16)).to(dtype)
+    with torch.no_grad():
+        vit.pos_embed.normal_()
+    gh, gw = target
+    upstream = torch.randn(1, 1 + gh * gw, 16, dtype=dtype)
+    got = vit.pos_embed_for(gh, gw)
+    (got * upstream).sum().backward()
+    got_grad, vit.pos_embed.grad = vit.pos_embed.grad, None
+    want = _interpolated_pos_embed(vit.pos_embed, grid, gh, gw)
+    (want * upstream).sum().backward()
+    assert got.dtype == dtype and got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=0, atol=atol)
+    torch.testing.assert_close(got_grad, vit.pos_embed.grad, rtol=0, atol=10 * atol)
+
+
+def test_pos_embed_resize_matrix_is_cached_per_grid_device_and_dtype():
+    from dinobench.vit import pos_resize_matrix
+
+    cpu = torch.device("cpu")
+    a = pos_resize_matrix((8, 8), (4, 4), cpu, torch.float32)
+    assert pos_resize_matrix((8, 8), (4, 4), cpu, torch.float32) is a
+    assert pos_resize_matrix((8, 8), (4, 4), cpu, torch.float64) is not a
+    assert pos_resize_matrix((8, 8), (6, 6), cpu, torch.float32).shape == (36, 64)
+    assert a.shape == (16, 64) and not a.requires_grad
+    # Each row holds the weights of one output position: they sum to 1.
+    torch.testing.assert_close(a.sum(1), torch.ones(16), rtol=0, atol=1e-6)
+
+
+def test_pos_embed_resize_first_built_under_inference_mode_still_trains():
+    """A matrix first built inside inference_mode (evaluation) is an ordinary tensor, so
+    a later training step can save it for backward."""
+    vit = ViT(ViTConfig(image_size=28, grid=7, in_chans=1, dim=16, depth=1, heads=2,
+                        mlp_dim=16))
+    with torch.inference_mode():
+        vit(torch.randn(2, 1, 12, 12))
+    vit(torch.randn(2, 1, 12, 12)).sum().backward()
+    assert vit.pos_embed.grad is not None and vit.pos_embed.grad.abs().sum() > 0

@@ -27,6 +27,7 @@ for _name in COMPOSITES:
     register(DatasetSpec(
         name=_name, image_size=int(_size), grid=GRID, channels=3, mean=(0.5,) * 3,
         std=(0.25,) * 3, classes=tuple(str(i) for i in range(10)), epochs=200,
+        natural_images=False,
         description=f"MNIST digits on {_background} backgrounds at {_size} px, exact masks"))
 
 

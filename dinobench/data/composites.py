@@ -227,7 +227,7 @@ def composite_dataset(background: str, size: int, *, data_dir: str | Path | None
         name=f"mnist-{background}-{size}", image_size=size, grid=GRID, channels=3,
         mean=tuple(round(v, 4) for v in train.mean((0, 2, 3)).tolist()),
         std=tuple(round(max(v, 1e-3), 4) for v in train.std((0, 2, 3)).tolist()),
-        classes=tuple(str(i) for i in range(10)), epochs=200,
+        classes=tuple(str(i) for i in range(10)), epochs=200, natural_images=False,
         description=f"MNIST digits on {background} backgrounds at {size} px, exact masks")
     return MaskedDataset(spec, parts["train"][0], parts["train"][2], parts["test"][0],
                          parts["test"][2], source=str(data_dir / "mnist.npz"),

@@ -16,7 +16,7 @@ from .splits import RawSplits, build_dataset
 DIGITS = register(DatasetSpec(
     name="digits", image_size=32, grid=4, channels=1,
     mean=(0.305,), std=(0.324,),  # of the 32x32 train split
-    classes=tuple(str(i) for i in range(10)), epochs=6,
+    classes=tuple(str(i) for i in range(10)), epochs=6, natural_images=False,
     description="scikit-learn digits: 1,797 real 8x8 images scaled to 32x32 (embedded)",
 ))
 

@@ -27,6 +27,10 @@ class DatasetSpec:
     # Image side in the files (None: image_size); smaller images are zero-padded to
     # image_size, never interpolated (MNIST: 28 -> 32).
     file_image_size: int | None = None
+    # Photographs (True) or digits (False). Recipes whose flip and solarisation are
+    # "auto" (None) use both on photographs only: a mirrored digit is another shape (or
+    # none), and solarising white ink on black turns the ink black, erasing the digit.
+    natural_images: bool = True
 
     @property
     def num_classes(self) -> int:
@@ -81,7 +85,7 @@ def register(spec: DatasetSpec) -> DatasetSpec:
 MNIST = register(DatasetSpec(
     name="mnist", image_size=32, grid=4, channels=1,
     mean=(0.1000,), std=(0.2752,),
-    classes=tuple(str(i) for i in range(10)), epochs=200,
+    classes=tuple(str(i) for i in range(10)), epochs=200, natural_images=False,
     description="MNIST handwritten digits: 60,000 train + 10,000 test, 28x28 grey, "
                 "zero-padded to 32x32",
     file_image_size=28,

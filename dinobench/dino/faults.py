@@ -1,10 +1,19 @@
 """Failures a long run must not hide: a non-finite loss, and collapse.
 
-DINO has two trivial solutions (Caron et al. 2021, Sec. 5.3): every image mapped to the
-same one-hot output (teacher entropy near 0), or to the uniform output (entropy near
-log K). Centering fights the first, sharpening the second; when the balance is wrong the
-loss still looks fine. A collapsed model is flagged in the log and in the result rows and
-left out of means, never averaged in silently.
+DINO has two trivial solutions (Caron et al. 2021, Sec. 5.3). In both the student has
+nothing left to learn, so KL(teacher || student) vanishes:
+
+- every image mapped to the same one-hot output: the batch-mean target is one-hot, its
+  entropy (``marginal_entropy``) near 0. The per-image entropy is near 0 as well, but so
+  is that of the sharp teacher DINO aims for, which spreads its images over many outputs:
+  per-image entropy alone cannot tell the two apart.
+- every image mapped to the uniform output: per-image entropy (``teacher_entropy``) near
+  log K.
+
+Centering fights the first, sharpening the second; when the balance is wrong the loss
+still looks fine. A collapsed model is flagged in the log and in the result rows and left
+out of means, never averaged in silently. The diagnostics themselves are computed in
+``diagnostics.py`` and logged per epoch by the trainer.
 """
 
 from __future__ import annotations
@@ -23,7 +32,8 @@ class NonFiniteLoss(TrainingError):
             "--clip-grad a little, or check the input data")
 
 
-# A teacher whose mean entropy stays within this fraction of log K from either end.
+# Collapse thresholds, as fractions of log K (the largest entropy over K outputs): an
+# entropy within this fraction of 0 or of log K, and a KL below this fraction of log K ...
 COLLAPSE_BAND = 0.05
 # ... for this many final epochs (all of them when the run is shorter).
 COLLAPSE_EPOCHS = 3
@@ -33,21 +43,42 @@ def collapse_reason(history: list[dict], band: float = COLLAPSE_BAND,
                     patience: int = COLLAPSE_EPOCHS) -> str | None:
     """Why the last ``patience`` epochs look collapsed, or None.
 
-    Judged on the teacher's mean output entropy H relative to log K: ``H < band * log K``
-    is collapse to one output, ``H > (1 - band) * log K`` collapse to uniform.
+    Every epoch of that tail must meet both conditions of a collapse, with ``L = log K``:
+
+    - one output: ``marginal_entropy < band * L`` and ``kl < band * L``;
+    - uniform: ``teacher_entropy > (1 - band) * L`` and ``kl < band * L``.
+
+    A sharp teacher (``teacher_entropy`` near 0) whose batch-mean target keeps a high
+    entropy is what DINO aims for and is not flagged. Records from before
+    ``marginal_entropy`` was logged cannot tell a collapse to one output from a sharp
+    teacher, so only the uniform collapse is judged on them; records without ``kl`` are
+    judged on the entropies alone.
     """
     if not history:
         return None
     tail = history[-patience:]
     log_k = tail[-1]["log_k"]
-    ratios = [rec["teacher_entropy"] / log_k for rec in tail]
-    if all(r < band for r in ratios):
-        return (f"teacher entropy {tail[-1]['teacher_entropy']:.3f} nats stayed below "
-                f"{band:.0%} of log K = {log_k:.2f} for the last {len(tail)} epochs "
-                "(collapse to one output)")
-    if all(r > 1 - band for r in ratios):
-        return (f"teacher entropy {tail[-1]['teacher_entropy']:.3f} nats stayed above "
-                f"{1 - band:.0%} of log K = {log_k:.2f} for the last {len(tail)} epochs "
+    last = tail[-1]
+
+    def kl_vanishes(rec: dict) -> bool:
+        return rec.get("kl") is None or rec["kl"] < band * log_k
+
+    def kl_note() -> str:
+        if last.get("kl") is None:
+            return ""
+        return f" with KL(teacher || student) {last['kl']:.4f} nats"
+
+    span = f"for the last {len(tail)} epochs"
+    if all(rec.get("marginal_entropy") is not None
+           and rec["marginal_entropy"] < band * log_k and kl_vanishes(rec) for rec in tail):
+        used = (f", {last['outputs_used']} output(s) in use"
+                if last.get("outputs_used") is not None else "")
+        return (f"entropy of the batch-mean teacher output {last['marginal_entropy']:.3f} "
+                f"nats stayed below {band:.0%} of log K = {log_k:.2f}{kl_note()} {span}"
+                f"{used} (collapse to one output)")
+    if all(rec["teacher_entropy"] > (1 - band) * log_k and kl_vanishes(rec) for rec in tail):
+        return (f"teacher entropy {last['teacher_entropy']:.3f} nats stayed above "
+                f"{1 - band:.0%} of log K = {log_k:.2f}{kl_note()} {span} "
                 "(collapse to a uniform output)")
     return None
 

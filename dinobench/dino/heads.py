@@ -31,19 +31,34 @@ class DINOHead(nn.Module):
     """The official head: a 3-layer MLP to a bottleneck, L2 normalisation, and a
     weight-normalised linear layer (no bias) to K outputs.
 
+    ``batch_norm`` puts a BatchNorm after each hidden layer (the reference code's
+    ``use_bn_in_head``). It always normalises with the statistics of the batch in hand,
+    for the teacher too, and keeps no running averages: the teacher runs in eval mode,
+    and averages copied from the student by EMA would describe another network. On small
+    data this is what lets the teacher's outputs differ between images from the first
+    step: a randomly initialised ViT maps every image to nearly the same CLS feature, so
+    the centred teacher logits are nearly zero and the targets nearly uniform, and the
+    student learns to be uniform too (the uniform collapse). Normalising over the batch
+    scales those small differences up to unit variance.
+
     The last layer's weight norm g is fixed at 1 (the reference code's
     ``norm_last_layer=True``), so the layer is ``F.linear(x, V / ||V||_row)``: writing it
     out keeps the module free of ``weight_norm`` hooks and friendly to ``torch.compile``.
     """
 
     def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048,
-                 bottleneck_dim: int = 256):
+                 bottleneck_dim: int = 256, batch_norm: bool = False):
         super().__init__()
         if out_dim < 2:
             raise ValueError(f"out_dim (K) must be at least 2, got {out_dim}")
+
+        def norm() -> nn.Module:
+            return (nn.BatchNorm1d(hidden_dim, track_running_stats=False) if batch_norm
+                    else nn.Identity())
+
         self.mlp = nn.Sequential(
-            nn.Linear(in_dim, hidden_dim), nn.GELU(),
-            nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
+            nn.Linear(in_dim, hidden_dim), norm(), nn.GELU(),
+            nn.Linear(hidden_dim, hidden_dim), norm(), nn.GELU(),
             nn.Linear(hidden_dim, bottleneck_dim),
         )
         for m in self.mlp:
@@ -63,11 +78,14 @@ class DINOHead(nn.Module):
 
 
 def build_head(kind: str, in_dim: int, out_dim: int, hidden_dim: int = 2048,
-               bottleneck_dim: int = 256) -> nn.Module:
+               bottleneck_dim: int = 256, batch_norm: bool = False) -> nn.Module:
     if kind == "seed":
+        if batch_norm:
+            raise ValueError("batch norm is an option of the official head's MLP; the "
+                             "seed head is one linear map")
         return SeedHead(in_dim, out_dim)
     if kind == "official":
-        return DINOHead(in_dim, out_dim, hidden_dim, bottleneck_dim)
+        return DINOHead(in_dim, out_dim, hidden_dim, bottleneck_dim, batch_norm)
     raise ValueError(f"unknown head {kind!r}; choose 'seed' or 'official'")
 
 

@@ -55,6 +55,9 @@ class MultiCropConfig:
     @classmethod
     def from_recipe(cls, recipe: Recipe, global_size: int, patch_size: int,
                     mean: tuple[float, ...], std: tuple[float, ...]) -> MultiCropConfig:
+        if recipe.flip_p is None or recipe.solarize_p is None:
+            raise ValueError("the recipe's flip or solarisation is 'auto'; decide it for the "
+                             "dataset with Recipe.for_dataset first")
         # A local crop keeps the patch size, so its side is a whole number of patches.
         local_patches = max(1, round(global_size * recipe.local_size_ratio / patch_size))
         return cls(

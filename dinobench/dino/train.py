@@ -2,7 +2,8 @@
 
 One code path for CPU and GPU, one process or many (``torchrun``). Per step, everything
 stays on the device: batch indexing, multi-crop, forward/backward, optimizer, EMA,
-centering, the running sums that feed the log and the non-finite-loss watch. The host
+centering, the running sums that feed the log (loss and the collapse diagnostics of
+``diagnostics.py``) and the non-finite-loss watch. The host
 reads them once per epoch (one synchronisation), so the GPU never waits on Python inside
 an epoch.
 
@@ -40,12 +41,14 @@ from ..errors import ConfigError
 from ..io import atomic_write_text
 from ..vit import ViT, ViTConfig
 from .center import update_center
+from .diagnostics import argmax_counts, batch_mean, distribution_entropy, teacher_entropy
 from .ema import ema_update_
 from .faults import NonFiniteLoss, collapse_reason
 from .heads import DINOModel, build_head
-from .loss import dino_loss, entropy, teacher_probs
+from .loss import dino_loss, dino_loss_from_probs, teacher_probs
 from .multicrop import MultiCrop, MultiCropConfig
 from .schedules import cosine_schedule, teacher_temp_schedule
+from .sinkhorn import sinkhorn_knopp
 
 
 def build_student_teacher(recipe: Recipe, vit_cfg: ViTConfig) -> tuple[DINOModel, DINOModel]:
@@ -54,7 +57,7 @@ def build_student_teacher(recipe: Recipe, vit_cfg: ViTConfig) -> tuple[DINOModel
     student = DINOModel(
         ViT(dataclasses.replace(vit_cfg, drop_path=recipe.drop_path)),
         build_head(recipe.head, vit_cfg.dim, recipe.out_dim, recipe.head_hidden_dim,
-                   recipe.head_bottleneck_dim),
+                   recipe.head_bottleneck_dim, recipe.head_bn),
     )
     teacher = copy.deepcopy(student)
     for block in teacher.backbone.blocks:
@@ -81,13 +84,11 @@ def param_groups(model: nn.Module) -> list[dict]:
 @torch.no_grad()
 def clip_per_tensor_(params: list[nn.Parameter], max_norm: float) -> None:
     """Scale each gradient tensor to norm at most ``max_norm`` (the DINO reference code
-    clips per parameter, not globally). Fused, no host synchronisation."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads or max_norm <= 0:
-        return
-    norms = torch.stack(torch._foreach_norm(grads))
-    scale = (max_norm / (norms + 1e-6)).clamp_(max=1.0)
-    torch._foreach_mul_(grads, list(scale.unbind()))
+    clips per parameter, not globally). A few fused kernels on CUDA, no host
+    synchronisation (:mod:`dinobench.dino.clip` says how)."""
+    from .clip import clip_grads_per_tensor_
+
+    clip_grads_per_tensor_([p.grad for p in params if p.grad is not None], max_norm)
 
 
 class Interrupted(Exception):
@@ -102,9 +103,14 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)  # one record per epoch
     seconds: float = 0.0
     collapsed: str | None = None  # why the run looks collapsed, or None
+    budget_stop: bool = False  # the time budget (max_seconds) ended training early
 
 
-_SUMS = ("loss", "teacher_entropy")
+# Per-step values summed on the device and read by the host once per epoch: means over
+# steps of the scalars, and per output how often it was the argmax of a teacher target
+# (the outputs in use over the epoch). Under torchrun each rank keeps its own sums.
+_SCALAR_SUMS = ("loss", "teacher_entropy", "marginal_entropy")
+_SUMS = (*_SCALAR_SUMS, "argmax_counts")
 
 
 class DINOTrainer:
@@ -112,7 +118,9 @@ class DINOTrainer:
 
     With a process group (``dist.world_size > 1``) each rank takes its slice of every
     global batch of ``recipe.batch_size`` images, gradients are averaged by DDP and the
-    center by all-reduce, so every rank holds the same student, teacher and center.
+    center by all-reduce, so every rank holds the same student, teacher and center. The
+    batch-mean target (for the marginal entropy) and Sinkhorn-Knopp's per-output sums are
+    all-reduced too, so they describe the global batch whatever the number of processes.
     """
 
     def __init__(self, recipe: Recipe, vit_cfg: ViTConfig, crop_cfg: MultiCropConfig, *,
@@ -177,6 +185,9 @@ class DINOTrainer:
         self.step_t = torch.zeros((), dtype=torch.long, device=self.device)
         self.first_bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         self.history: list[dict] = []
+        # Wall-clock seconds spent training (evaluation and checkpoints excluded), summed
+        # over every fit() of this state: a resumed run continues the count.
+        self.train_seconds = 0.0
 
     # --- schedules -------------------------------------------------------------------
     def steps_per_epoch(self, n_images: int) -> int:
@@ -202,7 +213,7 @@ class DINOTrainer:
         r = self.recipe
         crops = self.multicrop(batch, gen)
         try:
-            teacher_out, loss = self._forward_backward(crops, teacher_temp)
+            teacher_out, targets, loss = self._forward_backward(crops, teacher_temp)
         except Exception as e:  # noqa: BLE001 - any compiler error, whatever its type
             if not self._compile_unproven:
                 raise
@@ -210,7 +221,7 @@ class DINOTrainer:
             self.log(f"torch.compile failed ({type(e).__name__}: {first}); continuing "
                      "in eager mode")
             self.student_fwd, self.teacher_fwd = self._eager_fwd
-            teacher_out, loss = self._forward_backward(crops, teacher_temp)
+            teacher_out, targets, loss = self._forward_backward(crops, teacher_temp)
         self._compile_unproven = False
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -223,35 +234,66 @@ class DINOTrainer:
                 p.grad = None
         self.optimizer.step()
         ema_update_(self.teacher, self.student, momentum)
-        with torch.no_grad():
-            h_teacher = entropy(teacher_probs(teacher_out, self.center, teacher_temp))
+        diagnostics = self._diagnostics(targets)
+        # Sinkhorn-Knopp does not read the center (a per-output shift of the teacher logits
+        # leaves its targets unchanged), but keeping it costs one mean and keeps the state
+        # and the logged center the same in both modes.
         self.center = update_center(self.center, teacher_out, r.center_momentum)
-        return {"loss": loss.detach(), "teacher_entropy": h_teacher}
+        return {"loss": loss.detach(), **diagnostics}
 
     def _forward_backward(self, crops: list[torch.Tensor], teacher_temp: float
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher and student forward, the loss, fresh student gradients."""
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Teacher and student forward, the loss, fresh student gradients. Returns the
+        teacher logits, the targets the loss used (probabilities) and the loss."""
         r = self.recipe
         with self.autocast:
             teacher_out = self.teacher_fwd(crops[:1])  # global views only
             student_out = self.student_fwd(crops)
-        loss = dino_loss(student_out, teacher_out, self.center, student_temp=r.student_temp,
-                         teacher_temp=teacher_temp, n_global=r.n_global)
+        if r.centering == "sinkhorn":  # all global views balanced together, as DINOv2
+            targets = sinkhorn_knopp(teacher_out, teacher_temp, r.sinkhorn_iterations)
+            loss = dino_loss_from_probs(student_out, targets, student_temp=r.student_temp,
+                                        n_global=r.n_global)
+        else:
+            loss = dino_loss(student_out, teacher_out, self.center,
+                             student_temp=r.student_temp, teacher_temp=teacher_temp,
+                             n_global=r.n_global)
+            targets = teacher_probs(teacher_out, self.center, teacher_temp)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        return teacher_out, loss
+        return teacher_out, targets, loss
+
+    @torch.no_grad()
+    def _diagnostics(self, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        """This step's collapse diagnostics of the targets, as device tensors."""
+        # The batch mean over all ranks, renormalised: the sum of the ranks' means is
+        # world_size times the global mean (every rank holds as many rows).
+        p_mean = all_reduce_sum_(batch_mean(targets))
+        return {"teacher_entropy": teacher_entropy(targets),
+                "marginal_entropy": distribution_entropy(p_mean / p_mean.sum()),
+                "argmax_counts": argmax_counts(targets)}
 
     # --- the loop --------------------------------------------------------------------
     def fit(self, images: torch.Tensor, *,
             checkpoint: Callable[[DINOTrainer], None] | None = None,
             checkpoint_every: int = 0,
-            should_stop: Callable[[], bool] | None = None) -> TrainResult:
+            should_stop: Callable[[], bool] | None = None,
+            max_seconds: float | None = None) -> TrainResult:
         """Train until ``recipe.epochs`` (continuing from a loaded state, if any).
 
         ``checkpoint(self)`` is called every ``checkpoint_every`` epochs, and when
         ``should_stop()`` turns true at a step boundary (then :class:`Interrupted` is
         raised). A non-finite loss raises :class:`NonFiniteLoss` at the end of its epoch,
         before any checkpoint could save the broken weights.
+
+        Each epoch record gets ``train_seconds`` (training time so far, without the
+        evaluations and checkpoints), ``eval_seconds`` (this epoch's ``on_epoch_end``)
+        and ``images_seen`` (steps x batch size so far). With ``max_seconds``, training
+        ends at the first step boundary after ``train_seconds`` passes it, as if it were
+        the last epoch: a record for the steps done (``on_epoch_end`` called with
+        ``final=True`` so it evaluates there, and ``budget_stop: True``), a checkpoint,
+        ``budget_stop`` in the result. The schedules stay planned on ``recipe.epochs``:
+        a budget truncates them. The position inside the epoch is kept, so a larger
+        budget on the saved state continues exactly; the same budget returns at once.
         """
         r = self.recipe
         n = images.shape[0]
@@ -266,7 +308,18 @@ class DINOTrainer:
             atomic_write_text(self.log_path, "".join(json.dumps(h) + "\n"
                                                      for h in self.history))
         t_start = time.perf_counter()
-        while self.epoch < r.epochs:
+        # The budget check reads the host clock without synchronising (on CUDA the host
+        # runs a few steps ahead, so the cut can come that much late); train_seconds
+        # itself is taken after the epoch's synchronisation.
+        def over_budget(running: float) -> bool:
+            return max_seconds is not None and any_rank(
+                self.train_seconds + running > max_seconds)
+
+        # A state that this budget already ended (its last record is the cut, at the
+        # current step): nothing is left to do.
+        cut = (bool(self.history) and self.history[-1].get("budget_stop", False)
+               and self.history[-1]["step"] == self.step_count and over_budget(0.0))
+        while self.epoch < r.epochs and not cut:
             epoch = self.epoch
             self.student.train()
             if self.order is None:  # a new epoch (a resumed one keeps its order)
@@ -288,6 +341,7 @@ class DINOTrainer:
                 # the gradient all-reduce of the others.
                 if should_stop is not None and any_rank(should_stop()):
                     self._check_finite()
+                    self.train_seconds += time.perf_counter() - t_epoch
                     if checkpoint is not None:
                         checkpoint(self)
                     raise Interrupted(f"stopped at epoch {epoch + 1}, step {self.step_count}")
@@ -303,26 +357,44 @@ class DINOTrainer:
                 self.step_t += 1
                 self.step_count += 1
                 self.pos = i + 1
+                if (self.pos < steps or epoch + 1 < r.epochs) and over_budget(
+                        time.perf_counter() - t_epoch):
+                    cut = True
+                    break
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             self._check_finite()
-            record = self._epoch_record(steps, steps - first, sched,
-                                        time.perf_counter() - t_epoch)
+            seconds = time.perf_counter() - t_epoch
+            # Means over the steps done this epoch: all of them, unless the budget cut it.
+            record = self._epoch_record(self.pos, self.pos - first, sched, seconds)
+            self.train_seconds += seconds
+            t_eval = time.perf_counter()
             if self.on_epoch_end is not None:
-                record.update(self.on_epoch_end(epoch, self.teacher) or {})
+                record.update((self.on_epoch_end(epoch, self.teacher, final=True) if cut
+                               else self.on_epoch_end(epoch, self.teacher)) or {})
+            record.update(train_seconds=self.train_seconds,
+                          eval_seconds=time.perf_counter() - t_eval,
+                          images_seen=self.step_count * r.batch_size)
+            if cut:
+                record["budget_stop"] = True
             self.history.append(record)
-            self.epoch, self.order = epoch + 1, None
-            last = self.epoch == r.epochs
+            if self.pos == steps:  # a cut inside an epoch keeps its place in it
+                self.epoch, self.order = epoch + 1, None
+            last = cut or self.epoch == r.epochs
             if checkpoint is not None and (last or (
                     checkpoint_every and self.epoch % checkpoint_every == 0)):
                 checkpoint(self)
             # After the checkpoint: an epoch that checkpoints is logged once it is saved.
             self._log_epoch(record)
         return TrainResult(self.student, self.teacher, self.center, self.history,
-                           time.perf_counter() - t_start, collapse_reason(self.history))
+                           time.perf_counter() - t_start, collapse_reason(self.history),
+                           budget_stop=cut)
 
     def _zero_sums(self) -> dict[str, torch.Tensor]:
-        return {k: torch.zeros((), device=self.device) for k in _SUMS}
+        sums = {k: torch.zeros((), device=self.device) for k in _SCALAR_SUMS}
+        sums["argmax_counts"] = torch.zeros(self.recipe.out_dim, dtype=torch.long,
+                                            device=self.device)
+        return sums
 
     def _check_finite(self) -> None:
         """Raise on every rank if any rank saw a non-finite loss (a NaN on one rank
@@ -335,18 +407,28 @@ class DINOTrainer:
 
     def _epoch_record(self, steps: int, timed_steps: int, sched: dict,
                       seconds: float) -> dict:
-        sums = torch.stack([self.sums[k] for k in _SUMS])
+        n = len(_SCALAR_SUMS)
+        # One all-reduce for all: the counts travel as float32, whose sums of non-negative
+        # integers are 0 exactly when every term is, which is all outputs_used reads.
+        sums = torch.cat([torch.stack([self.sums[k] for k in _SCALAR_SUMS]),
+                          self.sums["argmax_counts"].float()])
         all_reduce_sum_(sums)  # every rank logs the mean over all ranks
-        loss, h = (sums / (steps * self.dist.world_size)).tolist()
+        loss, h, h_marginal = (sums[:n] / (steps * self.dist.world_size)).tolist()
         s = self.step_count - 1
         return {
             "epoch": self.epoch + 1,
             "step": self.step_count,
             "loss": loss,
-            # Mean over pairs of KL(teacher || student) = cross-entropy - teacher entropy,
-            # because every teacher view enters the same number of pairs.
+            # Mean over pairs of KL(teacher || student) = cross-entropy - target entropy,
+            # because every teacher view enters the same number of pairs (the targets are
+            # the ones the loss used, in either centering mode).
             "kl": loss - h,
+            # Mean over images of each image's target entropy (sharpness per image).
             "teacher_entropy": h,
+            # Entropy of the batch-mean target: near 0 when every image picks one output.
+            "marginal_entropy": h_marginal,
+            # Outputs that were the argmax of at least one target during the epoch.
+            "outputs_used": int(sums[n:].count_nonzero()),
             "log_k": math.log(self.recipe.out_dim),
             "lr": float(sched["lr"][s]),
             "weight_decay": float(sched["wd"][s]),
@@ -363,10 +445,13 @@ class DINOTrainer:
             with self.log_path.open("a") as f:
                 f.write(json.dumps(rec) + "\n")
         self.log(f"epoch {rec['epoch']:>4}/{self.recipe.epochs}  loss {rec['loss']:.4f}  "
-                 f"H(teacher) {rec['teacher_entropy']:.3f}/{rec['log_k']:.3f}  "
-                 f"KL {rec['kl']:.4f}  lr {rec['lr']:.2e}  "
+                 f"H(teacher) {rec['teacher_entropy']:.3f}  "
+                 f"H(mean) {rec['marginal_entropy']:.3f}/{rec['log_k']:.3f}  "
+                 f"KL {rec['kl']:.4f}  "
+                 f"used {rec['outputs_used']}/{self.recipe.out_dim}  lr {rec['lr']:.2e}  "
                  f"{rec['images_per_s']:,.0f} img/s"
-                 + (f"  knn {rec['knn_top1']:.2f}%" if "knn_top1" in rec else ""))
+                 + (f"  val knn {rec['val_knn_top1']:.2f}%" if "val_knn_top1" in rec
+                    else ""))
 
     # --- state -----------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -383,6 +468,7 @@ class DINOTrainer:
             "epoch": self.epoch, "step": self.step_count, "pos": self.pos,
             "order": self.order, "order_rng": self.order_gen.get_state(),
             "history": self.history, "ranks": gather_objects(mine),
+            "train_seconds": self.train_seconds,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -398,9 +484,13 @@ class DINOTrainer:
         self.order = state["order"]
         self.order_gen.set_state(state["order_rng"])
         self.history = list(state["history"])
+        # A checkpoint without the count (older format) continues from its last record.
+        self.train_seconds = state.get("train_seconds", self.history[-1].get(
+            "train_seconds", 0.0) if self.history else 0.0)
         self.step_t.fill_(self.step_count)
         mine = ranks[self.dist.rank]
-        self.sums = {k: v.to(self.device) for k, v in mine["sums"].items()}
+        # Sums a checkpoint lacks (saved before they were kept) restart from 0.
+        self.sums = self._zero_sums() | {k: v.to(self.device) for k, v in mine["sums"].items()}
         self.first_bad_step.fill_(mine["first_bad_step"])
         torch.set_rng_state(mine["torch"])
         self.aug_gen.set_state(mine["aug"])

@@ -28,7 +28,7 @@ from functools import cache
 import torch
 
 from ..vit import ViT
-from .features import to_model_input
+from .features import eval_precision, to_model_input
 
 OVERLAP_METRICS = ("jaccard_best_head", "jaccard_mean_head", "mass_inside", "pointing_game")
 
@@ -205,12 +205,13 @@ def cls_attention_maps(backbone: ViT, images: torch.Tensor, mean, std, *,
                        batch_size: int = 256, device: torch.device | str | None = None
                        ) -> torch.Tensor:
     """Last-block CLS-to-patch attention of every head for ``uint8`` images, in batches
-    on the device: ``(N, heads, gh, gw)`` float32 on the CPU, each map summing to 1."""
+    on the device: ``(N, heads, gh, gw)`` float32 on the CPU, each map summing to 1.
+    Computed under :func:`~dinobench.eval.features.eval_precision`."""
     device = torch.device(device) if device else next(backbone.parameters()).device
     was_training = backbone.training
     backbone.eval()
     out = []
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with eval_precision(device):  # float32 logits: bf16 keeps 8 significant bits
         for i in range(0, images.shape[0], batch_size):
             x = to_model_input(images[i:i + batch_size].to(device), mean, std,
                                backbone.cfg.image_size)

@@ -7,6 +7,7 @@ network's depth is visible to a linear classifier.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -14,6 +15,36 @@ import torch.nn.functional as F
 
 from .. import distributed
 from ..vit import ViT
+
+
+@contextlib.contextmanager
+def eval_precision(device: torch.device | str):
+    """The numerics of every evaluation: float32 with autocast off (whatever the caller
+    has on) and TF32 off for matmuls and cuDNN convolutions (cuDNN's default is on), so
+    features, attention weights and k-NN similarities do not depend on the device or on
+    where they are called from. On a GPU this costs speed (float32 instead of bf16)."""
+    device = torch.device(device)
+    with contextlib.ExitStack() as stack:
+        if device.type in ("cpu", "cuda"):
+            stack.enter_context(torch.autocast(device.type, enabled=False))
+        if device.type == "cuda":
+            stack.enter_context(_tf32_off())
+        yield
+
+
+@contextlib.contextmanager
+def _tf32_off():
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    try:
+        saved = (matmul.allow_tf32, cudnn.allow_tf32)
+    except RuntimeError:  # TF32 set through torch's newer fp32_precision API: left alone
+        yield
+        return
+    matmul.allow_tf32 = cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32 = saved
 
 
 def to_model_input(images: torch.Tensor, mean, std, size: int) -> torch.Tensor:
@@ -58,7 +89,8 @@ def extract_features(backbone: ViT, images: torch.Tensor, mean, std, *,
                      batch_size: int = 512, device: torch.device | str | None = None,
                      n_last_blocks: int = 1, _local: bool = False) -> torch.Tensor:
     """CLS features ``(N, n_last_blocks * D)`` in float32 on ``device`` (default: the
-    backbone's); ``n_last_blocks = 1`` is the CLS token after the final norm.
+    backbone's); ``n_last_blocks = 1`` is the CLS token after the final norm. Computed
+    under :func:`eval_precision`.
 
     Under ``torchrun`` every rank must call this together: each extracts a contiguous
     slice of the images and the slices are gathered in order, so every rank returns all
@@ -75,7 +107,7 @@ def extract_features(backbone: ViT, images: torch.Tensor, mean, std, *,
     backbone.eval()
     size = backbone.cfg.image_size
     out = []
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with eval_precision(device):
         for i in range(0, images.shape[0], batch_size):
             x = to_model_input(images[i:i + batch_size].to(device, non_blocking=True),
                                mean, std, size)

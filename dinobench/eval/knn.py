@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .features import eval_precision
+
 
 @torch.no_grad()
 def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor,
@@ -41,18 +43,22 @@ def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor,
                          "class count as num_classes")
     bank = F.normalize(train_features.float(), dim=1)
     k = min(k, bank.shape[0])
-    rows = max(1, chunk_bytes // (4 * bank.shape[0]))
+    # A chunk holds its similarity rows and its one-hot votes within chunk_bytes.
+    rows = max(1, chunk_bytes // (4 * max(bank.shape[0], k * C)))
     preds = []
-    for i in range(0, test_features.shape[0], rows):
-        query = F.normalize(test_features[i:i + rows].float().to(bank.device), dim=1)
-        sim = query @ bank.T  # (rows, N_train)
-        top_sim, top_idx = sim.topk(k, dim=1)
-        # Shifting by the row's best similarity rescales a row's votes by one constant, so
-        # the winner is unchanged and exp cannot overflow at small temperatures.
-        weights = ((top_sim - top_sim[:, :1]) / temperature).exp()
-        votes = torch.zeros(query.shape[0], C, device=bank.device)
-        votes.scatter_add_(1, labels[top_idx], weights)
-        preds.append(votes.argmax(dim=1))
+    with eval_precision(bank.device):  # float32 similarities, whatever autocast is on
+        for i in range(0, test_features.shape[0], rows):
+            query = F.normalize(test_features[i:i + rows].float().to(bank.device), dim=1)
+            sim = query @ bank.T  # (rows, N_train)
+            top_sim, top_idx = sim.topk(k, dim=1)
+            # Shifting by the row's best similarity rescales a row's votes by one constant,
+            # so the winner is unchanged and exp cannot overflow at small temperatures.
+            weights = ((top_sim - top_sim[:, :1]) / temperature).exp()
+            # Votes as a sum over one-hot labels, not scatter_add_: a plain reduction has
+            # the same (deterministic) kernel on every device and torch version.
+            one_hot = F.one_hot(labels[top_idx], C).to(weights.dtype)  # (rows, k, C)
+            votes = (one_hot * weights[..., None]).sum(1)
+            preds.append(votes.argmax(dim=1))
     if not preds:
         return torch.zeros(0, dtype=torch.long, device=bank.device)
     return torch.cat(preds)

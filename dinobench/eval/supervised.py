@@ -28,7 +28,7 @@ from ..dino.schedules import cosine_schedule
 from ..dino.train import param_groups
 from ..errors import ConfigError
 from ..vit import ViT, ViTConfig
-from .features import to_model_input
+from .features import eval_precision, to_model_input
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ def classify_top1(model: SupervisedViT, images: torch.Tensor, labels: torch.Tens
     model.eval()
     correct = torch.zeros((), device=device)
     size = model.backbone.cfg.image_size
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with eval_precision(device):
         for i in range(0, images.shape[0], batch_size):
             x = to_model_input(images[i:i + batch_size].to(device), mean, std, size)
             pred = model(x).argmax(dim=1)

@@ -1,0 +1,28 @@
+"""The raw-pixel reference: the images themselves as features.
+
+Every table sets a learnt representation beside ``pixels``: the input normalised as the
+model sees it (per-channel mean and std of the dataset spec) at its stored size, flattened
+to ``(N, C * H * W)``. k-NN and the linear probe then run on it exactly as on a backbone's
+features, so a representation that does not beat it has learnt nothing k-NN or a linear
+map could use that the pixels did not already hold.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .features import to_model_input
+
+
+@torch.no_grad()
+def pixel_features(images: torch.Tensor, mean, std, *, batch_size: int = 1024,
+                   device: torch.device | str | None = None) -> torch.Tensor:
+    """``uint8 (N, C, H, W)`` -> normalised float32 ``(N, C * H * W)`` on ``device``
+    (default: the images' device); never resized."""
+    device = torch.device(device) if device else images.device
+    size = images.shape[-1]
+    out = [to_model_input(images[i:i + batch_size].to(device), mean, std, size).flatten(1)
+           for i in range(0, images.shape[0], batch_size)]
+    if not out:
+        return torch.zeros(0, images.shape[1:].numel(), device=device)
+    return torch.cat(out)

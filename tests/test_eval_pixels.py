@@ -1,0 +1,88 @@
+"""The raw-pixel reference: its features, its k-NN and probe rows on a case worked out by
+hand, and the note under the summary naming what does not beat it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dinobench.data.registry import Dataset, DatasetSpec
+from dinobench.eval.linear_probe import linear_probe
+from dinobench.eval.pixels import pixel_features
+from dinobench.experiments import EvalConfig, evaluate_models, random_init_like
+from dinobench.report import to_markdown
+from dinobench.vit import ViTConfig
+
+# 2x2 grey images; with mean 0.5 and std 0.5 a pixel of 255 becomes +1 and 0 becomes -1.
+SPEC = DatasetSpec("toy", 2, 2, 1, (0.5,), (0.5,), ("0", "1"), 1)
+
+
+def _images(*pixels) -> torch.Tensor:
+    return torch.tensor(pixels, dtype=torch.uint8).view(-1, 1, 2, 2)
+
+
+A, B, C = (255, 255, 0, 0), (0, 0, 255, 255), (255, 0, 255, 0)
+# Bank: A is class 0; B, C and a copy of B are class 1.
+TRAIN, TRAIN_LABELS = _images(A, B, C, B), torch.tensor([0, 1, 1, 1])
+# Worked out by hand with k = 20 (the whole bank), votes exp(cos / 0.07):
+#   A           -> cos 1 with A only                      -> class 0 (right)
+#   C           -> cos 1 with C only                      -> class 1 (right)
+#   (-1,-1,1,-1) -> cos 0.5 with C and both Bs, -0.5 with A  -> class 1 (right)
+#   (-1,1,-1,1)  -> cos 0 with A and both Bs, -1 with C     -> 2 + e^(-1/0.07) > 1 -> class 1
+#                                                             (wrong: it is labelled 0)
+TEST, TEST_LABELS = _images(A, C, (0, 0, 255, 0), (0, 255, 0, 255)), torch.tensor(
+    [0, 1, 1, 0])
+
+
+def toy() -> Dataset:
+    return Dataset(SPEC, TRAIN, TRAIN_LABELS, TEST, TEST_LABELS)
+
+
+def test_pixel_features_are_the_normalised_flattened_images():
+    feats = pixel_features(_images(A, (0, 255, 0, 255)), (0.5,), (0.5,))
+    assert feats.tolist() == [[1, 1, -1, -1], [-1, 1, -1, 1]]
+    # Per channel, channel-major: ((x / 255) - mean_c) / std_c.
+    rgb = torch.zeros(1, 3, 2, 2, dtype=torch.uint8)
+    rgb[0, 1, 0, 1] = 255
+    feats = pixel_features(rgb, (0.0, 0.5, 0.25), (1.0, 0.25, 0.5))
+    expected = [0.0] * 4 + [-2.0, 2.0, -2.0, -2.0] + [-0.5] * 4
+    assert feats.shape == (1, 12) and feats[0].tolist() == pytest.approx(expected)
+    assert pixel_features(rgb[:0], (0.0,) * 3, (1.0,) * 3).shape == (0, 12)
+
+
+def test_pixels_rows_give_the_hand_worked_knn_and_the_probe():
+    ds = toy()
+    vit = random_init_like(ViTConfig(image_size=2, grid=2, in_chans=1, dim=8, depth=1,
+                                     heads=1, mlp_dim=8), 0)
+    cfg = EvalConfig(knn=((20, 0.07),), probe_cs=(1.0,), attention_images=0)
+    # Validation: the second B (row 3) against a bank of rows 0-2: its twin B -> right.
+    val = (torch.tensor([3]), torch.tensor([0, 1, 2]))
+    rows, _ = evaluate_models(ds, {"vit": vit}, seed=0, context={}, cfg=cfg, val=val)
+    got = {r["metric"]: r for r in rows if r["model"] == "pixels"}
+    assert set(got) == {"knn_top1", "val_knn_top1", "linear_top1"}  # no attention rows
+    assert got["knn_top1"]["value"] == pytest.approx(75.0)
+    assert got["val_knn_top1"]["value"] == pytest.approx(100.0)
+    assert got["val_knn_top1"]["n_val"] == 1
+    feats = pixel_features(TRAIN, (0.5,), (0.5,)), pixel_features(TEST, (0.5,), (0.5,))
+    probe = linear_probe(*feats[:1], TRAIN_LABELS, feats[1], TEST_LABELS, Cs=(1.0,))
+    assert got["linear_top1"]["value"] == probe.top1 and got["linear_top1"]["n_labels"] == 4
+
+
+def _row(model, value, dataset="d", metric="knn_top1", seed=0):
+    return {"dataset": dataset, "model": model, "metric": metric, "value": value,
+            "seed": seed}
+
+
+def test_summary_names_the_models_at_or_below_raw_pixels():
+    rows = [_row("dino-x", 70.0), _row("dino-x", 80.0, seed=1), _row("random-init", 76.0),
+            _row("pixels", 75.0), _row("pixels", 75.0, seed=1), _row("dino-x", 60.0, "e"),
+            _row("pixels", 50.0, "e"), _row("dino-x", 40.0, "f"),
+            _row("random-init", 30.0, metric="linear_top1")]
+    md = to_markdown(rows)
+    summary = md.split("## All rows")[0]
+    # d: dino-x's mean 75.00 equals pixels' (at or below), random-init beats it; e: dino-x
+    # beats pixels; f has no pixel rows, so nothing is said about it.
+    assert "- d: dino-x (75.00); raw pixels 75.00" in summary
+    assert "random-init (76" not in summary and "- e:" not in summary and "- f" not in summary
+    rows = [r for r in rows if r["dataset"] == "e"] + [_row("dino-x", 1.0, "e", "linear_top1")]
+    assert "Every model's k-NN (k 20) is above the raw pixels'." in to_markdown(rows)
