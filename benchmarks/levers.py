@@ -22,9 +22,11 @@ import torch
 from dinobench.bench import SHAPES
 from dinobench.config import SEED
 from dinobench.dino import ema
+from dinobench.dino.clip import clip_per_tensor_
 from dinobench.dino.ema import ema_update_
+from dinobench.dino.model_setup import param_groups
 from dinobench.dino.multicrop import MultiCropConfig
-from dinobench.dino.train import DINOTrainer, clip_per_tensor_, param_groups
+from dinobench.dino.train import DINOTrainer
 from dinobench.perf import Timer, environment
 from dinobench.reference import (
     ReferenceDataset,

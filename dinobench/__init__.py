@@ -13,7 +13,7 @@ from ._version_check import check_torch as _check_torch  # noqa: E402
 
 _check_torch(_torch.__version__)
 
-from .config import OFFICIAL, RECIPES, SEED, Recipe, get_recipe  # noqa: E402
+from .config import OFFICIAL, RECIPES, SEED, SMALL, Recipe, get_recipe  # noqa: E402
 from .dino import (  # noqa: E402
     DINOHead,
     DINOModel,
@@ -31,7 +31,7 @@ from .vit import ViT, ViTConfig  # noqa: E402
 
 __all__ = [
     "ConfigError", "DINOHead", "DINOModel", "DataError", "OFFICIAL", "RECIPES", "Recipe",
-    "RunOptions", "SEED", "SeedHead", "UserError", "ViT", "ViTConfig", "attention_mask",
+    "RunOptions", "SEED", "SMALL", "SeedHead", "UserError", "ViT", "ViTConfig", "attention_mask",
     "cosine_schedule", "dino_loss", "ema_update_", "get_recipe", "jaccard", "knn_classify",
     "run", "update_center",
 ]

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .bench_table import EPOCH_IMAGES, format_table, result_path
-from .config import get_recipe
+from .config import RECIPES, get_recipe
 from .data.registry import SPECS, DatasetSpec
 from .devices import resolve_device
 from .dino.multicrop import MultiCropConfig
@@ -112,10 +112,11 @@ def build(o: BenchOptions) -> tuple[DINOTrainer, torch.Tensor, DatasetSpec, Mult
     changes = {"batch_size": o.batch_size}
     if o.depth is not None:
         changes["depth"] = o.depth
-    recipe = get_recipe(o.recipe).replace(**changes).validate()
+    recipe = (get_recipe(o.recipe).replace(**changes).for_dataset(shape.natural_images)
+              .validate())
     cfg = ViTConfig(image_size=shape.image_size, grid=shape.grid, in_chans=shape.channels,
                     dim=recipe.dim, depth=recipe.depth, heads=recipe.heads,
-                    mlp_dim=recipe.mlp_dim)
+                    mlp_dim=recipe.mlp_dim, pos_embed_std=recipe.pos_embed_std)
     crop = MultiCropConfig.from_recipe(recipe, cfg.image_size, cfg.patch_size, shape.mean,
                                        shape.std)
     trainer = DINOTrainer(recipe, cfg, crop, device=o.device, seed=o.seed, progress=False,
@@ -306,7 +307,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dataset-shape", choices=sorted(SHAPES), default=d.dataset_shape,
                    help="image size, patch grid and channels of the seed's datasets "
                    "(default: cifar10)")
-    p.add_argument("--recipe", choices=["seed", "official"], default=d.recipe,
+    p.add_argument("--recipe", choices=sorted(RECIPES), default=d.recipe,
                    help="recipe preset (default: seed)")
     p.add_argument("--batch-size", type=int, default=None, help="images per step "
                    "(default: 256 on CUDA, 16 on a CPU)")

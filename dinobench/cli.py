@@ -14,6 +14,7 @@ from .bench import add_bench_parser, run_bench
 from .config import AUTO_FIELDS, CENTERINGS, PROFILES, RECIPES, defaults_text, recipe_fields
 from .errors import UserError
 from .sweep import add_sweep_parser, run_sweep
+from .sweep_cli import count_or_fraction
 
 
 class _Parser(argparse.ArgumentParser):
@@ -123,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="validation k-NN of the teacher every N epochs, for the learning "
                     "curve and time to accuracy; 0: off (default: 1 in the quick profile, "
                     "epochs/20 otherwise)")
-    ev.add_argument("--val-size", type=_count_or_fraction, default=None, metavar="N|F",
+    ev.add_argument("--val-size", type=count_or_fraction, default=None, metavar="N|F",
                     help="validation subset held out of the train split's k-NN bank, on "
                     "which training is measured (never the test split): a count (500) or "
                     "a fraction (0.1); stratified, at least one image per class (default: "
@@ -168,19 +169,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(sub)
     add_sweep_parser(sub)
     return parser
-
-
-def _count_or_fraction(text: str) -> int | float:
-    """``--val-size``: a whole number is a count, anything else a fraction."""
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--val-size takes a count (500) or a fraction (0.1), got {text!r}") from None
 
 
 def _run(args: argparse.Namespace) -> None:

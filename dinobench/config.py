@@ -34,6 +34,9 @@ class Recipe:
     drop_path: float = _f(0.1, "stochastic depth rate of the student (the teacher uses none)")
     image_size: int | None = _f(None, "side of a global crop in pixels")
     grid: int | None = _f(None, "patches per side of a global crop (must divide --image-size)")
+    pos_embed_std: float = _f(0.02, "standard deviation of the initial positional embeddings; "
+                                    "0.02 (ViT, DINO) leaves them 25x smaller than the patch "
+                                    "embeddings")
     # --- projection head ---
     head: str = _f("official", "'seed': one linear map to K; 'official': MLP 2048-2048-256, "
                    "L2 normalisation, weight-normalised linear to K")
@@ -132,7 +135,7 @@ class Recipe:
              "kind to return probabilities (DINOv2 uses 3)")
         need(self.out_dim >= 2, f"--out-dim (K) must be at least 2, got {self.out_dim}: "
              "a softmax over one output carries no information")
-        for f in ("student_temp", "teacher_temp", "warmup_teacher_temp", "lr"):
+        for f in ("student_temp", "teacher_temp", "warmup_teacher_temp", "lr", "pos_embed_std"):
             v = getattr(self, f)
             need(math.isfinite(v) and v > 0, f"--{_flag(f)} must be positive, got {v}")
         for f in ("center_momentum", "teacher_momentum", "drop_path", "flip_p", "jitter_p",
@@ -214,6 +217,9 @@ SMALL = OFFICIAL.replace(
     # Many small steps beat few large ones: width 128, depth 4, batch 32, and a teacher
     # that follows the student within about a hundred steps.
     dim=128, mlp_dim=512, depth=4, drop_path=0.0, batch_size=32, lr=8e-3,
+    # Positions as loud as the patch contents from the start: with 16 patches, where a
+    # digit's shape lies in its layout, 0.02 leaves a random ViT a bag of patches.
+    pos_embed_std=0.5,
     warmup_epochs=1, teacher_momentum=0.99, n_local=4,
     freeze_last_layer_epochs=1,
     # Crops that keep a recognisable part of a 32-px object: a local crop of 5% of the

@@ -40,10 +40,11 @@ from torch.utils.data import Dataset as TorchDataset
 
 from .config import Recipe
 from .dino.center import update_center
+from .dino.clip import clip_per_tensor_
 from .dino.ema import ema_update_
 from .dino.loss import dino_loss
+from .dino.model_setup import build_student_teacher
 from .dino.multicrop import MultiCropConfig
-from .dino.train import build_student_teacher, clip_per_tensor_
 from .vit import Attention, ViT, ViTConfig
 
 POS_EMBED = ("official", "size")  # the resize formulas ReferenceTrainer knows

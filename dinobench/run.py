@@ -131,7 +131,7 @@ def vit_config(recipe: Recipe, spec: DatasetSpec) -> ViTConfig:
     return ViTConfig(image_size=recipe.image_size or spec.image_size,
                      grid=recipe.grid or spec.grid, in_chans=spec.channels,
                      dim=recipe.dim, depth=recipe.depth, heads=recipe.heads,
-                     mlp_dim=recipe.mlp_dim)
+                     mlp_dim=recipe.mlp_dim, pos_embed_std=recipe.pos_embed_std)
 
 
 def evaluation_config(opts: RunOptions) -> EvalConfig:
@@ -255,9 +255,14 @@ def run_unit(ds: Dataset, seed: int, opts: RunOptions, folder: RunFolder, device
 
     headline = knn_metric(opts.knn_k, opts.knn_temperature)
     knn = next(r["value"] for r in rows if r["model"] == model and r["metric"] == headline)
+    # Judged on the validation split where there is one: a flag drops the seed from the
+    # means, a selection the test split must not make.
+    judged = next((r["value"] for r in rows if r["model"] == model
+                   and r["metric"] == "val_knn_top1"), None)
+    split, judged = ("validation", judged) if judged is not None else ("test", knn)
     collapsed = result.collapsed or (
-        f"k-NN top-1 {knn:.2f}% is at chance" if knn_at_chance(
-            knn, ds.spec.num_classes) else None)
+        f"{split} k-NN top-1 {judged:.2f}% is at chance" if knn_at_chance(
+            judged, ds.spec.num_classes) else None)
     for r in rows:
         r["collapsed"] = bool(collapsed) and r["model"] == model
         r["collapse_reason"] = (collapsed or "") if r["model"] == model else ""

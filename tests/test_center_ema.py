@@ -8,7 +8,7 @@ from torch import nn
 
 from dinobench.dino.center import update_center
 from dinobench.dino.ema import ema_update_
-from dinobench.dino.train import build_student_teacher
+from dinobench.dino.model_setup import build_student_teacher
 
 # --- update_center --------------------------------------------------------------------
 

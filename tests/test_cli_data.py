@@ -206,5 +206,5 @@ def test_real_mnist_and_cifar10_run_end_to_end(tmp_path):
     rows = json.loads((out / "results.json").read_text())["rows"]
     for name in ("mnist", "cifar10"):
         mine = [r for r in rows if r["dataset"] == name and r["metric"] == "knn_top1"]
-        assert {r["model"] for r in mine} == {"dino-seed", "random-init", "pixels"}
+        assert {r["model"] for r in mine} == {"dino-small", "random-init", "pixels"}
         assert all(r["n_train"] == 200 and r["n_test"] == 1000 for r in mine)

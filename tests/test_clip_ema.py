@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from dinobench.dino import clip, ema
+from dinobench.dino.clip import clip_per_tensor_
 from dinobench.dino.ema import ema_update_
-from dinobench.dino.train import build_student_teacher, clip_per_tensor_
+from dinobench.dino.model_setup import build_student_teacher
 
 
 def _grads(seed: int) -> list[torch.Tensor]:

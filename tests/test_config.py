@@ -132,7 +132,7 @@ def test_small_differs_from_official_only_where_it_says():
         "teacher_temp", "warmup_teacher_temp_epochs", "dim",
         "mlp_dim", "depth", "drop_path", "batch_size", "lr", "warmup_epochs",
         "teacher_momentum", "n_local", "global_scale", "local_scale", "flip_p",
-        "solarize_p", "epochs"}
+        "solarize_p", "epochs", "pos_embed_std"}
     assert small.head == "official" and small.head_bn
     assert small.student_temp == official.student_temp == 0.1
 

@@ -69,7 +69,7 @@ def test_uniform_teacher_is_flagged_and_left_out_of_the_mean(tmp_path, capsys):
     """Teacher temperature 1 with a K = 10 linear head: the teacher output stays uniform
     (entropy log K), a known collapse."""
     out = tmp_path / "collapse"
-    code = main(["run", *TINY, "--epochs", "3", "--teacher-temp", "1",
+    code = main(["run", *TINY, "--recipe", "seed", "--epochs", "3", "--teacher-temp", "1",
                  "--warmup-teacher-temp", "1", "--seeds", "0", "1", "--out", str(out)])
     assert code == 0
     printed = capsys.readouterr().out

@@ -42,7 +42,7 @@ def test_product_names_only_the_flags_that_vary_in_command_line_order():
         "teacher_temp=0.02,out_dim=256", "teacher_temp=0.02,out_dim=4096",
         "teacher_temp=0.04,out_dim=256", "teacher_temp=0.04,out_dim=4096"]
     assert variants[1].overrides == {"depth": 1, "teacher_temp": 0.02, "out_dim": 4096}
-    assert all(v.recipe == "seed" and not v.baseline for v in variants)
+    assert all(v.recipe == "small" and not v.baseline for v in variants)
 
 
 def test_a_grid_where_nothing_varies_is_one_base_variant():

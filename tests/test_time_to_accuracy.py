@@ -82,7 +82,7 @@ def test_a_budget_cuts_the_run_and_its_rows_say_so(tmp_path):
     assert done.returncode == 0, done.stderr
     data = json.loads((out / "results.json").read_text())
     rows = data["rows"]
-    dino = [r for r in rows if r["model"] == "dino-seed"]
+    dino = [r for r in rows if r["model"] == "dino-small"]  # the default recipe
     assert all(r["budget_seconds"] == 3.0 and r["budget_stop"] for r in dino)
     assert 0 < dino[0]["epochs_done"] < 200 and dino[0]["epochs"] == 200
     history = [json.loads(line) for line in

@@ -7,8 +7,10 @@ import math
 
 import torch
 
+from dinobench.dino.clip import clip_per_tensor_
+from dinobench.dino.model_setup import param_groups
 from dinobench.dino.multicrop import MultiCropConfig
-from dinobench.dino.train import DINOTrainer, Interrupted, clip_per_tensor_, param_groups
+from dinobench.dino.train import DINOTrainer, Interrupted
 
 
 def test_clip_per_tensor_matches_a_loop_over_tensors():
@@ -89,18 +91,25 @@ def test_state_dict_covers_every_attribute_training_changes(tiny_recipe, tiny_vi
     trainer = _trainer(tiny_recipe, tiny_vit_cfg)
     rebuilt = {"recipe", "vit_cfg", "crop_cfg", "device", "seed", "progress", "log",
                "log_path", "on_epoch_end", "dist", "local_batch", "student_fwd",
-               "teacher_fwd", "_eager_fwd", "_compile_unproven", "multicrop", "autocast",
-               "step_t"}  # step_t is re-derived from the saved step count
+               "teacher_fwd", "_eager_fwd", "_compile_unproven", "multicrop", "autocast"}
     saved_as = {"student": "student", "teacher": "teacher", "optimizer": "optimizer",
                 "center": "center", "epoch": "epoch", "step_count": "step", "pos": "pos",
                 "order": "order", "order_gen": "order_rng", "history": "history",
-                "train_seconds": "train_seconds", "aug_gen": "ranks", "sums": "ranks",
-                "first_bad_step": "ranks"}
+                "train_seconds": "train_seconds", "aug_gen": "ranks", "stats": "ranks"}
     state = trainer.state_dict()
     for attr in vars(trainer):
         assert attr in rebuilt or attr in saved_as, f"{attr} is neither saved nor rebuilt"
         if attr in saved_as:
             assert saved_as[attr] in state
+    # The epoch's running sums and the non-finite-loss watch: in each rank's entry.
+    stats_rebuilt = {"out_dim", "device", "dist",
+                     "step_t"}  # step_t is re-derived from the saved step count
+    stats_saved = {"sums", "first_bad_step"}
+    for attr in vars(trainer.stats):
+        assert attr in stats_rebuilt or attr in stats_saved, (
+            f"stats.{attr} is neither saved nor rebuilt")
+    # Checkpoints written earlier load only while a rank's entry keeps these keys.
+    assert set(state["ranks"][0]) == {"aug", "torch", *stats_saved}  # a CPU run: no "cuda"
 
 
 class FakeClock:

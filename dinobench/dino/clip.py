@@ -79,3 +79,11 @@ def clip_grads_per_tensor_(grads: list[torch.Tensor], max_norm: float, *,
     """Clip each gradient to norm at most ``max_norm``, in place."""
     if grads and max_norm > 0:
         scale_each_(grads, clip_scales(grads, max_norm), spread=spread)
+
+
+@torch.no_grad()
+def clip_per_tensor_(params: list[torch.nn.Parameter], max_norm: float) -> None:
+    """Scale each parameter's gradient to norm at most ``max_norm`` (the DINO reference
+    code clips per parameter, not globally); parameters without a gradient are skipped.
+    A few fused kernels on CUDA, no host synchronisation."""
+    clip_grads_per_tensor_([p.grad for p in params if p.grad is not None], max_norm)

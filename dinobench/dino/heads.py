@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..vit import ViT
+from .batch_norm import GlobalBatchNorm
 
 
 class SeedHead(nn.Module):
@@ -31,10 +32,9 @@ class DINOHead(nn.Module):
     """The official head: a 3-layer MLP to a bottleneck, L2 normalisation, and a
     weight-normalised linear layer (no bias) to K outputs.
 
-    ``batch_norm`` puts a BatchNorm after each hidden layer (the reference code's
-    ``use_bn_in_head``). It always normalises with the statistics of the batch in hand,
-    for the teacher too, and keeps no running averages: the teacher runs in eval mode,
-    and averages copied from the student by EMA would describe another network. On small
+    ``batch_norm`` puts a batch norm after each hidden layer (the reference code's
+    ``use_bn_in_head``). It always normalises with the statistics of the global batch in
+    hand, for the teacher too, and keeps no running averages (see ``batch_norm.py``). On small
     data this is what lets the teacher's outputs differ between images from the first
     step: a randomly initialised ViT maps every image to nearly the same CLS feature, so
     the centred teacher logits are nearly zero and the targets nearly uniform, and the
@@ -53,8 +53,7 @@ class DINOHead(nn.Module):
             raise ValueError(f"out_dim (K) must be at least 2, got {out_dim}")
 
         def norm() -> nn.Module:
-            return (nn.BatchNorm1d(hidden_dim, track_running_stats=False) if batch_norm
-                    else nn.Identity())
+            return GlobalBatchNorm(hidden_dim) if batch_norm else nn.Identity()
 
         self.mlp = nn.Sequential(
             nn.Linear(in_dim, hidden_dim), norm(), nn.GELU(),

@@ -3,9 +3,9 @@
 One code path for CPU and GPU, one process or many (``torchrun``). Per step, everything
 stays on the device: batch indexing, multi-crop, forward/backward, optimizer, EMA,
 centering, the running sums that feed the log (loss and the collapse diagnostics of
-``diagnostics.py``) and the non-finite-loss watch. The host
+``diagnostics.py``) and the non-finite-loss watch (both in ``epoch_stats.py``). The host
 reads them once per epoch (one synchronisation), so the GPU never waits on Python inside
-an epoch.
+an epoch. The networks and the optimizer's groups are built in ``model_setup.py``.
 
 The trainer's whole state (weights, optimizer, center, position in the epoch, every
 random generator) is one ``state_dict``: a run saved at any step and resumed continues
@@ -14,10 +14,7 @@ exactly as if it had not stopped.
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import json
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,66 +26,21 @@ from tqdm.auto import tqdm
 
 from ..config import Recipe
 from ..data.device import DeviceImages
-from ..distributed import (
-    SINGLE,
-    DistInfo,
-    all_reduce_sum_,
-    any_rank,
-    gather_objects,
-    min_over_ranks_,
-)
+from ..distributed import SINGLE, DistInfo, any_rank, gather_objects
 from ..errors import ConfigError
 from ..io import atomic_write_text
-from ..vit import ViT, ViTConfig
+from ..vit import ViTConfig
 from .center import update_center
-from .diagnostics import argmax_counts, batch_mean, distribution_entropy, teacher_entropy
+from .clip import clip_per_tensor_
 from .ema import ema_update_
-from .faults import NonFiniteLoss, collapse_reason
-from .heads import DINOModel, build_head
+from .epoch_stats import EpochStats, epoch_line, step_diagnostics
+from .faults import collapse_reason
+from .heads import DINOModel
 from .loss import dino_loss, dino_loss_from_probs, teacher_probs
+from .model_setup import build_student_teacher, param_groups
 from .multicrop import MultiCrop, MultiCropConfig
 from .schedules import cosine_schedule, teacher_temp_schedule
 from .sinkhorn import sinkhorn_knopp
-
-
-def build_student_teacher(recipe: Recipe, vit_cfg: ViTConfig) -> tuple[DINOModel, DINOModel]:
-    """Student and teacher from the same initialisation. Only the student uses
-    stochastic depth; the teacher is never trained by gradient."""
-    student = DINOModel(
-        ViT(dataclasses.replace(vit_cfg, drop_path=recipe.drop_path)),
-        build_head(recipe.head, vit_cfg.dim, recipe.out_dim, recipe.head_hidden_dim,
-                   recipe.head_bottleneck_dim, recipe.head_bn),
-    )
-    teacher = copy.deepcopy(student)
-    for block in teacher.backbone.blocks:
-        block.drop_path.p = 0.0
-    teacher.requires_grad_(False)
-    teacher.eval()
-    return student, teacher
-
-
-def param_groups(model: nn.Module) -> list[dict]:
-    """Weight decay on weight matrices only: not on biases, norms, the CLS token or the
-    positional embeddings. The DINO reference code decays the last two as well (it skips
-    only 1-D tensors); here they count as vectors of the token space, not as maps."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        is_matrix = p.ndim >= 2 and not name.endswith(("cls_token", "pos_embed"))
-        (decay if is_matrix else no_decay).append(p)
-    return [{"params": decay, "decay": True}, {"params": no_decay, "decay": False,
-                                               "weight_decay": 0.0}]
-
-
-@torch.no_grad()
-def clip_per_tensor_(params: list[nn.Parameter], max_norm: float) -> None:
-    """Scale each gradient tensor to norm at most ``max_norm`` (the DINO reference code
-    clips per parameter, not globally). A few fused kernels on CUDA, no host
-    synchronisation (:mod:`dinobench.dino.clip` says how)."""
-    from .clip import clip_grads_per_tensor_
-
-    clip_grads_per_tensor_([p.grad for p in params if p.grad is not None], max_norm)
 
 
 class Interrupted(Exception):
@@ -104,13 +56,6 @@ class TrainResult:
     seconds: float = 0.0
     collapsed: str | None = None  # why the run looks collapsed, or None
     budget_stop: bool = False  # the time budget (max_seconds) ended training early
-
-
-# Per-step values summed on the device and read by the host once per epoch: means over
-# steps of the scalars, and per output how often it was the argmax of a teacher target
-# (the outputs in use over the epoch). Under torchrun each rank keeps its own sums.
-_SCALAR_SUMS = ("loss", "teacher_entropy", "marginal_entropy")
-_SUMS = (*_SCALAR_SUMS, "argmax_counts")
 
 
 class DINOTrainer:
@@ -181,9 +126,8 @@ class DINOTrainer:
         # Position: epochs done, optimizer steps done, steps done in the current epoch.
         self.epoch, self.step_count, self.pos = 0, 0, 0
         self.order: torch.Tensor | None = None  # this epoch's permutation of the images
-        self.sums = self._zero_sums()
-        self.step_t = torch.zeros((), dtype=torch.long, device=self.device)
-        self.first_bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
+        # This epoch's running sums and the non-finite-loss watch, on the device.
+        self.stats = EpochStats(recipe.out_dim, self.device, dist)
         self.history: list[dict] = []
         # Wall-clock seconds spent training (evaluation and checkpoints excluded), summed
         # over every fit() of this state: a resumed run continues the count.
@@ -234,7 +178,7 @@ class DINOTrainer:
                 p.grad = None
         self.optimizer.step()
         ema_update_(self.teacher, self.student, momentum)
-        diagnostics = self._diagnostics(targets)
+        diagnostics = step_diagnostics(targets)
         # Sinkhorn-Knopp does not read the center (a per-output shift of the teacher logits
         # leaves its targets unchanged), but keeping it costs one mean and keeps the state
         # and the logged center the same in both modes.
@@ -261,16 +205,6 @@ class DINOTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         return teacher_out, targets, loss
-
-    @torch.no_grad()
-    def _diagnostics(self, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-        """This step's collapse diagnostics of the targets, as device tensors."""
-        # The batch mean over all ranks, renormalised: the sum of the ranks' means is
-        # world_size times the global mean (every rank holds as many rows).
-        p_mean = all_reduce_sum_(batch_mean(targets))
-        return {"teacher_entropy": teacher_entropy(targets),
-                "marginal_entropy": distribution_entropy(p_mean / p_mean.sum()),
-                "argmax_counts": argmax_counts(targets)}
 
     # --- the loop --------------------------------------------------------------------
     def fit(self, images: torch.Tensor, *,
@@ -324,7 +258,8 @@ class DINOTrainer:
             self.student.train()
             if self.order is None:  # a new epoch (a resumed one keeps its order)
                 self.order = torch.randperm(n, generator=self.order_gen)
-                self.pos, self.sums = 0, self._zero_sums()
+                self.pos = 0
+                self.stats.reset()
             t_epoch, first = time.perf_counter(), self.pos
             # This rank's images for the epoch's remaining steps: its slice of each
             # global batch, (steps, batch_size) -> (steps - pos) * local_batch.
@@ -340,7 +275,7 @@ class DINOTrainer:
                 # Every rank must stop at the same step, or one would wait forever in
                 # the gradient all-reduce of the others.
                 if should_stop is not None and any_rank(should_stop()):
-                    self._check_finite()
+                    self.stats.check_finite()
                     self.train_seconds += time.perf_counter() - t_epoch
                     if checkpoint is not None:
                         checkpoint(self)
@@ -350,11 +285,7 @@ class DINOTrainer:
                                 float(sched["wd"][s]), float(sched["momentum"][s]),
                                 float(sched["teacher_temp"][epoch]),
                                 epoch < r.freeze_last_layer_epochs)
-                for k in _SUMS:
-                    self.sums[k] += out[k]
-                bad = ~torch.isfinite(out["loss"]) & (self.first_bad_step < 0)
-                self.first_bad_step = torch.where(bad, self.step_t, self.first_bad_step)
-                self.step_t += 1
+                self.stats.add(out)
                 self.step_count += 1
                 self.pos = i + 1
                 if (self.pos < steps or epoch + 1 < r.epochs) and over_budget(
@@ -363,7 +294,7 @@ class DINOTrainer:
                     break
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
-            self._check_finite()
+            self.stats.check_finite()
             seconds = time.perf_counter() - t_epoch
             # Means over the steps done this epoch: all of them, unless the budget cut it.
             record = self._epoch_record(self.pos, self.pos - first, sched, seconds)
@@ -390,46 +321,16 @@ class DINOTrainer:
                            time.perf_counter() - t_start, collapse_reason(self.history),
                            budget_stop=cut)
 
-    def _zero_sums(self) -> dict[str, torch.Tensor]:
-        sums = {k: torch.zeros((), device=self.device) for k in _SCALAR_SUMS}
-        sums["argmax_counts"] = torch.zeros(self.recipe.out_dim, dtype=torch.long,
-                                            device=self.device)
-        return sums
-
-    def _check_finite(self) -> None:
-        """Raise on every rank if any rank saw a non-finite loss (a NaN on one rank
-        reaches every rank's weights through the gradient all-reduce)."""
-        never = torch.iinfo(torch.long).max
-        first = torch.where(self.first_bad_step < 0, never, self.first_bad_step)
-        bad = int(min_over_ranks_(first.clone()))
-        if bad != never:
-            raise NonFiniteLoss(bad)
-
     def _epoch_record(self, steps: int, timed_steps: int, sched: dict,
                       seconds: float) -> dict:
-        n = len(_SCALAR_SUMS)
-        # One all-reduce for all: the counts travel as float32, whose sums of non-negative
-        # integers are 0 exactly when every term is, which is all outputs_used reads.
-        sums = torch.cat([torch.stack([self.sums[k] for k in _SCALAR_SUMS]),
-                          self.sums["argmax_counts"].float()])
-        all_reduce_sum_(sums)  # every rank logs the mean over all ranks
-        loss, h, h_marginal = (sums[:n] / (steps * self.dist.world_size)).tolist()
+        """The epoch's log record: where training stands, the means of its running sums,
+        the schedules' values at its last step and its speed (in this key order, which
+        the JSONL log keeps)."""
         s = self.step_count - 1
         return {
             "epoch": self.epoch + 1,
             "step": self.step_count,
-            "loss": loss,
-            # Mean over pairs of KL(teacher || student) = cross-entropy - target entropy,
-            # because every teacher view enters the same number of pairs (the targets are
-            # the ones the loss used, in either centering mode).
-            "kl": loss - h,
-            # Mean over images of each image's target entropy (sharpness per image).
-            "teacher_entropy": h,
-            # Entropy of the batch-mean target: near 0 when every image picks one output.
-            "marginal_entropy": h_marginal,
-            # Outputs that were the argmax of at least one target during the epoch.
-            "outputs_used": int(sums[n:].count_nonzero()),
-            "log_k": math.log(self.recipe.out_dim),
+            **self.stats.means(steps),
             "lr": float(sched["lr"][s]),
             "weight_decay": float(sched["wd"][s]),
             "teacher_momentum": float(sched["momentum"][s]),
@@ -444,22 +345,14 @@ class DINOTrainer:
         if self.log_path:
             with self.log_path.open("a") as f:
                 f.write(json.dumps(rec) + "\n")
-        self.log(f"epoch {rec['epoch']:>4}/{self.recipe.epochs}  loss {rec['loss']:.4f}  "
-                 f"H(teacher) {rec['teacher_entropy']:.3f}  "
-                 f"H(mean) {rec['marginal_entropy']:.3f}/{rec['log_k']:.3f}  "
-                 f"KL {rec['kl']:.4f}  "
-                 f"used {rec['outputs_used']}/{self.recipe.out_dim}  lr {rec['lr']:.2e}  "
-                 f"{rec['images_per_s']:,.0f} img/s"
-                 + (f"  val knn {rec['val_knn_top1']:.2f}%" if "val_knn_top1" in rec
-                    else ""))
+        self.log(epoch_line(rec, self.recipe.epochs, self.recipe.out_dim))
 
     # --- state -----------------------------------------------------------------------
     def state_dict(self) -> dict:
         """The whole state. Under torchrun every rank must call it (the per-rank random
         streams and running sums are gathered); rank 0 then writes it."""
         mine = {"aug": self.aug_gen.get_state(), "torch": torch.get_rng_state(),
-                "sums": {k: v.cpu() for k, v in self.sums.items()},
-                "first_bad_step": int(self.first_bad_step)}
+                **self.stats.state_dict()}
         if self.device.type == "cuda":
             mine["cuda"] = torch.cuda.get_rng_state(self.device)
         return {
@@ -487,11 +380,8 @@ class DINOTrainer:
         # A checkpoint without the count (older format) continues from its last record.
         self.train_seconds = state.get("train_seconds", self.history[-1].get(
             "train_seconds", 0.0) if self.history else 0.0)
-        self.step_t.fill_(self.step_count)
         mine = ranks[self.dist.rank]
-        # Sums a checkpoint lacks (saved before they were kept) restart from 0.
-        self.sums = self._zero_sums() | {k: v.to(self.device) for k, v in mine["sums"].items()}
-        self.first_bad_step.fill_(mine["first_bad_step"])
+        self.stats.load_state_dict(mine, self.step_count)
         torch.set_rng_state(mine["torch"])
         self.aug_gen.set_state(mine["aug"])
         if "cuda" in mine and self.device.type == "cuda":

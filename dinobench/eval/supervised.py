@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..dino.model_setup import param_groups
 from ..dino.multicrop import MultiCrop, MultiCropConfig
 from ..dino.schedules import cosine_schedule
-from ..dino.train import param_groups
 from ..errors import ConfigError
 from ..vit import ViT, ViTConfig
 from .features import eval_precision, to_model_input
