@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
 import sys
 
 from .bench import add_bench_parser, run_bench
@@ -206,7 +207,8 @@ def _run(args: argparse.Namespace) -> None:
                    label_budgets=(tuple(args.label_budgets)
                                   if args.label_budgets is not None else None),
                    supervised_epochs=args.supervised_epochs, test_subset=args.test_subset,
-                   val_size=args.val_size, budget_seconds=args.budget_seconds))
+                   val_size=args.val_size, budget_seconds=args.budget_seconds,
+                   command=getattr(args, "typed", None)))
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -223,7 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     from .dino.faults import TrainingError
     from .run import RunInterrupted
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.typed = shlex.join(["dinobench", *argv])  # recorded in the results as typed
     try:
         {"run": _run, "report": _report, "bench": _bench,
          "sweep": run_sweep}[args.command](args)

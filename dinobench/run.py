@@ -79,6 +79,7 @@ class RunOptions:
     # Stop training once this many seconds of it (evaluation excluded) have passed; the
     # schedules stay planned on the epochs, which the budget truncates. None: no budget.
     budget_seconds: float | None = None
+    command: str | None = None  # as typed, for the results; None: this process's argv
     label_budgets: tuple[float, ...] | None = None  # labels vs no labels; None: profile's
     supervised_epochs: int | None = None  # None: the DINO epochs
     # Reliability.
@@ -378,7 +379,7 @@ def run(opts: RunOptions | None = None, log: Callable[[str], None] = print) -> l
             distrib.shutdown()
             return rows
         meta = {
-            "command": shlex.join(["dinobench", *sys.argv[1:]]),
+            "command": opts.command or shlex.join(["dinobench", *sys.argv[1:]]),
             "datasets": list(opts.datasets),
             "recipes": recipes, "seeds": list(opts.seeds), "git_commit": git_commit(),
             "versions": {"dinobench": __version__, "python": platform.python_version(),

@@ -345,7 +345,7 @@ def options_from_args(args: argparse.Namespace) -> SweepOptions:
         [*args.datasets, args.recipe, *(varied or ["base"])]))
     return SweepOptions(variants=variants, seeds=list(args.seeds), out=out, run=run,
                         levels=tuple(args.knn_levels) if args.knn_levels else None,
-                        restart=args.restart)
+                        restart=args.restart, command=getattr(args, "typed", None))
 
 
 def run_sweep(args: argparse.Namespace) -> None:
