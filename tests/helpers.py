@@ -76,3 +76,18 @@ def one_line_error(stderr: str) -> str:
     assert len(lines) == 1, f"expected one line on stderr, got:\n{stderr}"
     assert "Traceback" not in stderr
     return lines[0]
+
+
+def tiny_setup(head: str = "seed", channels: int = 3, **changes):
+    """A small recipe, ViT and crop config on CIFAR-10 shapes (8x8 patches of 4 px)."""
+    from dinobench.config import SEED
+    from dinobench.dino.multicrop import MultiCropConfig
+    from dinobench.vit import ViTConfig
+
+    recipe = SEED.replace(dim=32, depth=2, heads=2, mlp_dim=64, batch_size=4, n_local=4,
+                          head=head, out_dim=16, head_hidden_dim=32, head_bottleneck_dim=8,
+                          **changes).validate()
+    cfg = ViTConfig(image_size=32, grid=8, in_chans=channels, dim=32, depth=2, heads=2,
+                    mlp_dim=64)
+    crop = MultiCropConfig.from_recipe(recipe, 32, 4, (0.5,) * channels, (0.25,) * channels)
+    return recipe, cfg, crop

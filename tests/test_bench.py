@@ -17,6 +17,7 @@ from dinobench.dino.multicrop import MultiCropConfig
 from dinobench.dino.train import DINOTrainer
 from dinobench.errors import ConfigError, UserError
 from dinobench.vit import ViT, ViTConfig
+from helpers import tiny_setup
 
 CUDA = torch.cuda.is_available()
 
@@ -26,20 +27,9 @@ def gpu(test):
     return pytest.mark.gpu(pytest.mark.skipif(not CUDA, reason="needs a CUDA device")(test))
 
 
-def _tiny(head: str = "seed", channels: int = 3, **changes):
-    """A small recipe, ViT and crop config on CIFAR-10 shapes (8x8 patches of 4 px)."""
-    recipe = SEED.replace(dim=32, depth=2, heads=2, mlp_dim=64, batch_size=4, n_local=4,
-                          head=head, out_dim=16, head_hidden_dim=32, head_bottleneck_dim=8,
-                          **changes).validate()
-    cfg = ViTConfig(image_size=32, grid=8, in_chans=channels, dim=32, depth=2, heads=2,
-                    mlp_dim=64)
-    crop = MultiCropConfig.from_recipe(recipe, 32, 4, (0.5,) * channels, (0.25,) * channels)
-    return recipe, cfg, crop
-
-
 @pytest.mark.parametrize("head", ["seed", "official"])
 def test_counted_flops_match_the_formula(head):
-    recipe, cfg, crop = _tiny(head)
+    recipe, cfg, crop = tiny_setup(head)
     trainer = DINOTrainer(recipe, cfg, crop, progress=False, log=lambda s: None)
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     counted = perf.count_step_flops(trainer, images, torch.Generator().manual_seed(0),
@@ -196,7 +186,7 @@ STEP_KW = {"lr": 1e-4, "wd": 0.04, "momentum": 0.99, "teacher_temp": 0.05,
 def _cuda_trainer(compile: bool, **changes) -> DINOTrainer:
     """A CUDA trainer past its first steps (compilation, lazy initialisation: these may
     synchronise)."""
-    recipe, cfg, crop = _tiny(**changes)
+    recipe, cfg, crop = tiny_setup(**changes)
     trainer = DINOTrainer(recipe, cfg, crop, device="cuda", compile=compile,
                           progress=False, log=print)
     images = torch.randint(0, 256, (recipe.batch_size, 3, 32, 32), dtype=torch.uint8,

@@ -10,26 +10,14 @@ import pytest
 import torch
 
 from dinobench import reference
-from dinobench.config import SEED
-from dinobench.dino.multicrop import MultiCropConfig
 from dinobench.dino.train import DINOTrainer
 from dinobench.vit import ViT, ViTConfig
-
-
-def _tiny(head: str = "seed", channels: int = 3, **changes):
-    """A small recipe, ViT and crop config on CIFAR-10 shapes (8x8 patches of 4 px)."""
-    recipe = SEED.replace(dim=32, depth=2, heads=2, mlp_dim=64, batch_size=4, n_local=4,
-                          head=head, out_dim=16, head_hidden_dim=32, head_bottleneck_dim=8,
-                          **changes).validate()
-    cfg = ViTConfig(image_size=32, grid=8, in_chans=channels, dim=32, depth=2, heads=2,
-                    mlp_dim=64)
-    crop = MultiCropConfig.from_recipe(recipe, 32, 4, (0.5,) * channels, (0.25,) * channels)
-    return recipe, cfg, crop
+from helpers import tiny_setup
 
 
 @pytest.mark.parametrize("channels", [1, 3])
 def test_reference_crops_have_the_recipe_shapes_and_normalisation(channels):
-    _, _, crop = _tiny(channels=channels, jitter_p=0.0, grey_p=0.0, blur_p=(0.0, 0.0, 0.0),
+    _, _, crop = tiny_setup(channels=channels, jitter_p=0.0, grey_p=0.0, blur_p=(0.0, 0.0, 0.0),
                        solarize_p=0.0)
     images = torch.full((2, channels, 32, 32), 128, dtype=torch.uint8)
     crops = reference.ReferenceDataset(images, reference.ReferenceMultiCrop(crop, channels))[1]
@@ -41,7 +29,7 @@ def test_reference_crops_have_the_recipe_shapes_and_normalisation(channels):
 
 
 def test_reference_loader_batches_are_crop_major():
-    _, _, crop = _tiny(jitter_p=0.0, grey_p=0.0, blur_p=(0.0, 0.0, 0.0), solarize_p=0.0)
+    _, _, crop = tiny_setup(jitter_p=0.0, grey_p=0.0, blur_p=(0.0, 0.0, 0.0), solarize_p=0.0)
     values = torch.arange(8, dtype=torch.uint8) * 30  # one flat grey level per image
     images = values.view(8, 1, 1, 1).expand(8, 3, 32, 32).contiguous()
     loader = reference.make_loader(images, crop, 4, workers=0)
@@ -75,7 +63,7 @@ def test_reference_model_takes_the_explicit_attention_path(monkeypatch):
 def _same_start(**reference_kw):
     """A dinobench trainer and a reference trainer from the same initialisation (no
     stochastic depth), the reference fed the crops dinobench's step draws."""
-    recipe, cfg, crop = _tiny("official", drop_path=0.0)
+    recipe, cfg, crop = tiny_setup("official", drop_path=0.0)
     ours = DINOTrainer(recipe, cfg, crop, seed=3, progress=False, log=lambda s: None)
     ref = reference.ReferenceTrainer(recipe, cfg, device="cpu", seed=3, **reference_kw)
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
@@ -157,7 +145,7 @@ def test_reference_pos_embed_formulas():
 
 
 def test_reference_loader_starts_its_workers_with_forkserver():
-    _, _, crop = _tiny()
+    _, _, crop = tiny_setup()
     images = torch.zeros(8, 3, 32, 32, dtype=torch.uint8)
     loader = reference.make_loader(images, crop, 4, workers=1, prefetch_factor=1)
     assert loader.prefetch_factor == 1 and loader.persistent_workers
