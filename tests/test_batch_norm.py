@@ -75,7 +75,7 @@ def test_two_processes_normalise_over_the_global_batch(tmp_path):
     parameter gradients summed over the processes equal the single process's."""
     torch.manual_seed(2)
     x, g = torch.randn(8, 4), torch.randn(8, 4)
-    with mp.Manager() as manager:
+    with mp.get_context("spawn").Manager() as manager:  # no fork of a threaded process
         out = manager.dict()
         mp.spawn(_worker, args=(2, str(tmp_path / "init"), x, g, out), nprocs=2, join=True)
         parts = [out[0], out[1]]

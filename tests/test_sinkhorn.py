@@ -120,7 +120,7 @@ def test_two_processes_balance_the_global_batch_as_one_does(tmp_path):
     targets equal those of one process holding all rows (and differ from each half
     balanced alone)."""
     logits = _logits(16, 5, scale=2.0).float()
-    with mp.Manager() as manager:
+    with mp.get_context("spawn").Manager() as manager:  # no fork of a threaded process
         out = manager.dict()
         mp.spawn(_two_process_worker, args=(2, str(tmp_path / "init"), logits, out),
                  nprocs=2, join=True)
