@@ -244,16 +244,14 @@ def test_pos_embed_resize_first_built_under_inference_mode_still_trains():
 
 @pytest.mark.parametrize("std", [0.02, 0.5])
 def test_positional_embeddings_start_at_the_asked_scale(std):
-    """--pos-embed-std sets the initial spread of the positional embeddings (truncated at
-    +-2 absolute, which at these scales cuts nothing of note); the rest of the init
-    does not depend on it."""
+    """--pos-embed-std sets the initial spread of the positional embeddings; the rest of
+    the init does not depend on it."""
     cfg = ViTConfig(image_size=32, grid=8, in_chans=1, dim=64, depth=1, heads=2, mlp_dim=64,
                     pos_embed_std=std)
     torch.manual_seed(0)
     vit = ViT(cfg)
     pe = vit.pos_embed.detach()
     assert abs(pe.std().item() - std) < 0.05 * std
-    assert pe.abs().max().item() <= 2.0
     torch.manual_seed(0)
     other = ViT(dataclasses.replace(cfg, pos_embed_std=0.02))
     assert torch.equal(vit.patch_embed.weight, other.patch_embed.weight)
