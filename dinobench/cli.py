@@ -12,7 +12,15 @@ import shlex
 import sys
 
 from .bench import add_bench_parser, run_bench
-from .config import AUTO_FIELDS, CENTERINGS, PROFILES, RECIPES, defaults_text, recipe_fields
+from .config import (
+    AUTO_FIELDS,
+    CENTERINGS,
+    EVAL_FEATURES,
+    PROFILES,
+    RECIPES,
+    defaults_text,
+    recipe_fields,
+)
 from .errors import UserError
 from .sweep import add_sweep_parser, run_sweep
 from .sweep_cli import count_or_fraction
@@ -121,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--n-last-blocks", type=int, default=1, metavar="N",
                     help="probe features: CLS tokens of the last N blocks (DINO uses 4; "
                     "default: 1)")
+    ev.add_argument("--eval-feature", choices=EVAL_FEATURES, default="cls",
+                    help="frozen features for k-NN and the probes: the teacher's CLS token, or "
+                    "CLS plus the mean of the last block's patch tokens (DINO's avgpool "
+                    "evaluation) (default: cls)")
     ev.add_argument("--eval-every", type=int, default=None, metavar="N",
                     help="validation k-NN of the teacher every N epochs, for the learning "
                     "curve and time to accuracy; 0: off (default: 1 in the quick profile, "
@@ -203,7 +215,8 @@ def _run(args: argparse.Namespace) -> None:
                    pretrain_subset=args.pretrain_subset, resume=args.resume,
                    restart=args.restart, checkpoint_every=args.checkpoint_every,
                    deterministic=args.deterministic, probe=args.probe,
-                   n_last_blocks=args.n_last_blocks, eval_every=args.eval_every,
+                   n_last_blocks=args.n_last_blocks, eval_feature=args.eval_feature,
+                   eval_every=args.eval_every,
                    label_budgets=(tuple(args.label_budgets)
                                   if args.label_budgets is not None else None),
                    supervised_epochs=args.supervised_epochs, test_subset=args.test_subset,

@@ -179,6 +179,14 @@ CENTERINGS = ("momentum", "sinkhorn")
 # Fields that may be None: "auto", decided per dataset by Recipe.for_dataset.
 AUTO_FIELDS = ("flip_p", "solarize_p")
 
+# Frozen features for k-NN and the probes (``--eval-feature``, not a recipe field), as the
+# results describe them.
+EVAL_FEATURES = {
+    "cls": "the CLS token after the final norm",
+    "cls+patch-mean": "the CLS token and the mean of the last block's patch tokens, after "
+                      "the final norm, concatenated",
+}
+
 
 def _flag(name: str) -> str:
     return name.replace("_", "-")

@@ -68,9 +68,10 @@ def dino_epoch_evaluator(ds: Dataset, *, every: int, epochs: int,
                          temperature: float = 0.07) -> Callable[..., dict | None]:
     """``on_epoch_end`` hook for :class:`DINOTrainer`: every ``every`` epochs, at the
     last, and whenever called with ``final=True`` (a time budget ended training there),
-    the teacher's k-NN top-1 (``k``, ``temperature``) on the validation subset ``val`` =
-    (validation rows, bank rows) of the train split (default: :func:`validation_split`),
-    the bank being the rest of the train split: ``val_knn_top1``. The test split is never
+    the teacher's k-NN top-1 (``k``, ``temperature``, on the final table's features:
+    ``cfg.patch_mean``) on the validation subset ``val`` = (validation rows, bank rows)
+    of the train split (default: :func:`validation_split`), the bank being the rest of
+    the train split: ``val_knn_top1``. The test split is never
     looked at during training. With ``probe``, a linear probe (one C = 1.0, to stay
     cheap; the final probe searches the grid) fit on the ``labelled`` bank images:
     ``probe_train_top1`` and ``val_probe_top1``."""
@@ -79,13 +80,15 @@ def dino_epoch_evaluator(ds: Dataset, *, every: int, epochs: int,
     rows, bank = val if val is not None else validation_split(ds)
     labels = ds.train_labels
     batch_size = cfg.batch_size if cfg is not None else 256
+    patch_mean = cfg is not None and cfg.patch_mean
 
     def evaluate(epoch: int, teacher, final: bool = False) -> dict | None:
         if not final and (epoch + 1) % every and epoch + 1 != epochs:
             return None
         backbone = getattr(teacher, "backbone", teacher)
         train = extract_features(backbone, ds.train_images, ds.spec.mean, ds.spec.std,
-                                 batch_size=batch_size, device=device)
+                                 batch_size=batch_size, device=device,
+                                 patch_mean=patch_mean)
         out = {"val_knn_top1": knn_top1(train[bank], labels[bank], train[rows], labels[rows],
                                         k=k, temperature=temperature,
                                         num_classes=ds.spec.num_classes)}

@@ -55,6 +55,8 @@ class EvalConfig:
     probe: bool = True  # fit the linear probe (seconds to minutes on CPU)
     probe_cs: tuple[float, ...] = DEFAULT_CS  # C grid searched on held-out train images
     n_last_blocks: int = 1  # probe features: CLS of the last n blocks, concatenated
+    # k-NN and probe features: CLS, plus the mean-pooled patch tokens when set.
+    patch_mean: bool = False
     keep_mass: float = 0.6  # attention mass the mask keeps
     attention_images: int = 16  # test images in the attention figure (0: none)
     batch_size: int = 256  # images per forward pass
@@ -167,22 +169,21 @@ def evaluate_backbone(backbone: ViT, ds: Dataset, cfg: EvalConfig = DEFAULT_EVAL
                       labelled: torch.Tensor | None = None, grid_masks: torch.Tensor | None
                       = None, val: tuple[torch.Tensor, torch.Tensor] | None = None,
                       seed: int = 0, device=None) -> tuple[list[dict], torch.Tensor]:
-    """Scores of one backbone (:func:`feature_scores` of its CLS features) and the
-    overlap scores when ``grid_masks`` (patch-level test foreground) are given.
+    """Scores of one backbone (:func:`feature_scores` of its frozen features: CLS, plus
+    the mean-pooled patch tokens with ``cfg.patch_mean``) and the overlap scores when
+    ``grid_masks`` (patch-level test foreground) are given.
 
     Returns ``[{"metric", "value", ...extras}]`` and the attention maps of the first
     ``cfg.attention_images`` test images ``(n, heads, gh, gw)``.
     """
     mean, std, bs = ds.spec.mean, ds.spec.std, cfg.batch_size
-    train = extract_features(backbone, ds.train_images, mean, std, batch_size=bs,
-                             device=device)
-    test = extract_features(backbone, ds.test_images, mean, std, batch_size=bs,
-                            device=device)
+    kw = {"batch_size": bs, "device": device, "patch_mean": cfg.patch_mean}
+    train = extract_features(backbone, ds.train_images, mean, std, **kw)
+    test = extract_features(backbone, ds.test_images, mean, std, **kw)
     probe_features = None
     if cfg.probe and cfg.n_last_blocks != 1:
         probe_features = tuple(
-            extract_features(backbone, x, mean, std, batch_size=bs, device=device,
-                             n_last_blocks=cfg.n_last_blocks)
+            extract_features(backbone, x, mean, std, n_last_blocks=cfg.n_last_blocks, **kw)
             for x in (ds.train_images, ds.test_images))
     scores = feature_scores(train, test, ds, cfg, labelled=labelled, val=val, seed=seed,
                             probe_features=probe_features,
@@ -274,7 +275,8 @@ def label_budget_comparison(ds: Dataset, teacher: ViT, *, model: str, crop_cfg:
     Also returns the supervised backbone of the largest budget (for overlap rows)."""
     mean, std = ds.spec.mean, ds.spec.std
     device = device or next(teacher.parameters()).device  # train beside the teacher
-    kw = {"batch_size": cfg.batch_size, "device": device, "n_last_blocks": cfg.n_last_blocks}
+    kw = {"batch_size": cfg.batch_size, "device": device, "n_last_blocks": cfg.n_last_blocks,
+          "patch_mean": cfg.patch_mean}
     train = extract_features(teacher, ds.train_images, mean, std, **kw).cpu()
     test = extract_features(teacher, ds.test_images, mean, std, **kw).cpu()
     rows, curves, best = [], [], None

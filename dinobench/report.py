@@ -15,6 +15,7 @@ import json
 import math
 from pathlib import Path
 
+from .config import EVAL_FEATURES
 from .errors import UserError
 from .figures import (
     attention_figure,
@@ -202,12 +203,23 @@ def time_table(summary: list[dict]) -> str:
                   cols=cols)
 
 
-def to_markdown(rows: list[dict]) -> str:
+def features_note(meta: dict | None) -> str:
+    """Which ViT features the k-NN and probe scores come from; empty for results
+    written before there was a choice."""
+    feature = meta.get("eval_feature") if isinstance(meta, dict) else None
+    if feature is None:
+        return ""
+    return f"ViT features (k-NN and linear probes): {EVAL_FEATURES.get(feature, feature)}.\n\n"
+
+
+def to_markdown(rows: list[dict], meta: dict | None = None) -> str:
     """The long table; when the rows hold more than k-NN, sections before it: a summary
-    across datasets, labels versus no labels, and background x resolution."""
+    across datasets, labels versus no labels, and background x resolution. Led by
+    :func:`features_note` of the run's ``meta``."""
+    note = features_note(meta)
     summary = summarize(rows)
     if all(s["metric"] == "knn_top1" for s in summary):
-        return long_table(summary)
+        return note + long_table(summary)
     table = summary_table(summary)
     sections = [("Summary (top-1 and overlap scores, %)",
                  table + ("\n" + pixels_note(summary) if table and pixels_note(summary)
@@ -229,7 +241,7 @@ def to_markdown(rows: list[dict]) -> str:
                                 lambda s: f"{s['image_size']} px",
                                 ["background", "model"])))
     sections.append(("All rows", long_table(summary)))
-    return "\n".join(f"## {title}\n\n{table}" for title, table in sections if table)
+    return note + "\n".join(f"## {title}\n\n{table}" for title, table in sections if table)
 
 
 def to_csv(rows: list[dict]) -> str:
@@ -243,8 +255,8 @@ def to_csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-def write_tables(out_dir: Path, rows: list[dict]) -> str:
-    md = to_markdown(rows)
+def write_tables(out_dir: Path, rows: list[dict], meta: dict | None = None) -> str:
+    md = to_markdown(rows, meta)
     atomic_write_text(out_dir / "results.md", md)
     atomic_write_text(out_dir / "results.csv", to_csv(rows))
     return md
@@ -338,7 +350,7 @@ def write_results(out_dir: str | Path, rows: list[dict], meta: dict,
     out_dir = Path(out_dir)
     atomic_write_json(out_dir / "results.json", {"meta": meta, "rows": rows,
                                                  "figures": figures})
-    md = write_tables(out_dir, rows)
+    md = write_tables(out_dir, rows, meta)
     write_figures(out_dir, figures, rows)
     return md
 
@@ -366,7 +378,7 @@ def load_results(out_dir: str | Path) -> dict:
 def rebuild(out_dir: str | Path) -> str:
     """Re-create results.md, results.csv and the figures from results.json."""
     data = load_results(out_dir)
-    md = write_tables(Path(out_dir), data["rows"])
+    md = write_tables(Path(out_dir), data["rows"], data.get("meta"))
     write_figures(Path(out_dir), data.get("figures", {}), data["rows"])
     return md
 

@@ -23,7 +23,7 @@ import torch
 
 from . import __version__, checkpoint
 from . import distributed as distrib
-from .config import PROFILES, Recipe, get_recipe
+from .config import EVAL_FEATURES, PROFILES, Recipe, get_recipe
 from .data import COMPOSITES, SPECS, Dataset, DatasetSpec, known_datasets, load_dataset
 from .data.subsets import validation_count
 from .devices import default_device, resolve_device
@@ -72,6 +72,7 @@ class RunOptions:
     # Evaluation beyond k-NN.
     probe: bool = True  # linear probe on the frozen teacher features
     n_last_blocks: int = 1  # probe features: CLS tokens of the last n blocks (DINO: 4)
+    eval_feature: str = "cls"  # k-NN and probes: "cls" or "cls+patch-mean" (DINO's avgpool)
     eval_every: int | None = None  # k-NN every n epochs; None: the profile's; 0: off
     # Held out of the train split's k-NN bank to measure training on (never the test
     # split): a count, or a fraction in (0, 1); None: 10%, at most 5,000.
@@ -141,6 +142,7 @@ def evaluation_config(opts: RunOptions) -> EvalConfig:
     knn = tuple(dict.fromkeys(((opts.knn_k, opts.knn_temperature), (200, 0.1))))
     return EvalConfig(knn=knn, probe=opts.probe,
                       n_last_blocks=opts.n_last_blocks,
+                      patch_mean=opts.eval_feature == "cls+patch-mean",
                       attention_images=opts.attention_images)
 
 
@@ -194,6 +196,8 @@ def run_unit(ds: Dataset, seed: int, opts: RunOptions, folder: RunFolder, device
                 "vit": dataclasses.asdict(cfg),
                 # The records' validation k-NN must all come from one validation subset.
                 "val_size": opts.val_size}
+    if opts.eval_feature != "cls":  # and one feature (absent: CLS, as before the option)
+        identity["eval_feature"] = opts.eval_feature
     ckpt_path = folder.checkpoint(ds.name, seed)
     if opts.resume and ckpt_path.exists():
         saved = checkpoint.load(ckpt_path)
@@ -302,6 +306,9 @@ def check_options(opts: RunOptions) -> None:
         raise ConfigError(f"--budget-seconds must be a positive number of seconds, got "
                           f"{opts.budget_seconds}")
     validation_count(1, opts.val_size)  # its type and range, before any data is loaded
+    if opts.eval_feature not in EVAL_FEATURES:
+        raise ConfigError(f"--eval-feature {opts.eval_feature!r} is not one of: "
+                          f"{', '.join(EVAL_FEATURES)}")
     world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
     for name in opts.datasets:
         if name not in SPECS:
@@ -385,6 +392,7 @@ def run(opts: RunOptions | None = None, log: Callable[[str], None] = print) -> l
             "versions": {"dinobench": __version__, "python": platform.python_version(),
                          "torch": torch.__version__},
             "world_size": info.world_size, "deterministic": opts.deterministic,
+            "eval_feature": opts.eval_feature,
             "seconds": round(time.perf_counter() - t0, 1),
         }
         md = write_results(folder.path, rows, meta, figures)

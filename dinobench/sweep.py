@@ -24,6 +24,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from .config import EVAL_FEATURES
 from .errors import ConfigError, UserError
 from .eval.time_to_accuracy import knn_levels
 from .io import atomic_write_json, atomic_write_text
@@ -44,6 +45,9 @@ UNIT_MARKER = "sweep_unit.json"
 # RunOptions fields that do not change what a run computes: left out of the identity
 # that decides whether a finished run can be reused.
 _NOT_IDENTITY = ("out", "resume", "restart", "progress", "checkpoint_every", "seeds")
+# RunOptions fields added after sweeps were first written: left out at their default,
+# which is what those sweeps computed, so rerunning one still finds its runs.
+_LATER_DEFAULTS = {"eval_feature": "cls"}
 
 
 @dataclasses.dataclass
@@ -71,7 +75,8 @@ def _run_options(opts: SweepOptions, variant: Variant, seeds: list[int], out: Pa
 
 def identity(run_opts) -> dict:
     """What a run computes from: its options less output and bookkeeping, as JSON."""
-    d = {k: v for k, v in dataclasses.asdict(run_opts).items() if k not in _NOT_IDENTITY}
+    d = {k: v for k, v in dataclasses.asdict(run_opts).items() if k not in _NOT_IDENTITY
+         and not (k in _LATER_DEFAULTS and v == _LATER_DEFAULTS[k])}
     return json.loads(json.dumps(d, default=str))
 
 
@@ -215,7 +220,8 @@ def _header(opts: SweepOptions, n_done: int) -> str:
     return (f"# Recipe study: {', '.join(r.get('datasets') or ['digits'])}\n\n"
             f"{_count(len(opts.variants), 'variant')} x {_count(len(opts.seeds), 'seed')} "
             f"({n_done}/{total} runs finished), recipe `{opts.variants[0].recipe}`, "
-            f"profile {profile}, budget: {budget}. "
+            f"profile {profile}, budget: {budget}. k-NN on "
+            f"{EVAL_FEATURES[r.get('eval_feature') or 'cls']}. "
             "A variant is named after the flags that vary; `preset=...` lines are "
             "presets added by --compare-recipes. Sorted by median final k-NN. A seed that "
             "never reached a level counts as slower than any: the median reads \"not "
@@ -332,7 +338,8 @@ def options_from_args(args: argparse.Namespace) -> SweepOptions:
            "checkpoint_every": args.checkpoint_every, "progress": not args.no_progress,
            "eval_every": args.eval_every, "knn_k": args.knn_k,
            "knn_temperature": args.knn_temperature, "probe": args.probe,
-           "n_last_blocks": args.n_last_blocks, "data_dir": args.data_dir,
+           "n_last_blocks": args.n_last_blocks, "eval_feature": args.eval_feature,
+           "data_dir": args.data_dir,
            "download": args.download, "train_subset": args.train_subset,
            "labels_per_class": args.labels_per_class, "test_subset": args.test_subset,
            "pretrain_subset": args.pretrain_subset, "val_size": args.val_size,

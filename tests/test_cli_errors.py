@@ -31,6 +31,7 @@ BAD_FLAGS = [
     (["--seeds", "-1"], "--seeds must be distinct non-negative integers"),
     (["--seeds", "3", "3"], "--seeds must be distinct non-negative integers"),
     (["--depth", "1", "--n-last-blocks", "2"], "--n-last-blocks 2 must lie in [1, --depth 1]"),
+    (["--eval-feature", "bogus"], "invalid choice: 'bogus'"),
     (["--batch-size", "4096"], "--batch-size 4096 exceeds the 1,347 pre-training images"),
     (["--image-size", "0"], "--image-size must be at least 1"),
     (["--blur-sigma", "0.1", "inf"], "finite"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -292,6 +293,30 @@ def test_a_run_finished_with_other_options_is_redone(tmp_path, monkeypatch):
     assert again.calls == [("base/seed0", False, True)]
 
 
+def test_eval_feature_reaches_every_run_and_cls_keeps_older_sweeps_identity(tmp_path,
+                                                                             monkeypatch):
+    args = build_parser().parse_args(["sweep", "--eval-feature", "cls+patch-mean"])
+    assert options_from_args(args).run["eval_feature"] == "cls+patch-mean"
+    assert options_from_args(build_parser().parse_args(["sweep"])).run["eval_feature"] == "cls"
+    # The default stays out of the identity, as in sweeps written before the option, so
+    # their finished runs are reused; the other feature is a different sweep.
+    out = tmp_path / "study"
+    monkeypatch.setattr(sweep_module, "run_unit", FakeRuns())
+    sweep(_options(out, temps=(0.5,), seeds=(0,)), log=lambda m: None)
+    marker = out / "variants" / "base" / "seed0" / "sweep_unit.json"
+    assert "eval_feature" not in json.loads(marker.read_text())["options"]
+    assert "k-NN on the CLS token after the final norm." in (out / "sweep.md").read_text()
+    patch_mean = _options(out, temps=(0.5,), seeds=(0,))
+    patch_mean.run["eval_feature"] = "cls+patch-mean"
+    with pytest.raises(UserError, match="options eval_feature"):
+        sweep(patch_mean, log=lambda m: None)
+    again = FakeRuns()
+    monkeypatch.setattr(sweep_module, "run_unit", again)
+    sweep(dataclasses.replace(patch_mean, restart=True), log=lambda m: None)
+    assert again.calls == [("base/seed0", False, True)]
+    assert "mean of the last block's patch tokens" in (out / "sweep.md").read_text()
+
+
 def test_a_different_grid_is_refused_unless_restart(tmp_path, monkeypatch):
     out = tmp_path / "study"
     monkeypatch.setattr(sweep_module, "run_unit", FakeRuns())
@@ -328,6 +353,7 @@ BAD = [
     (["--out-dim", "256", "256"], "--out-dim repeats the value 256"),
     (["--head", "mlp"], "--head: 'mlp' is not one of seed, official"),
     (["--compare-recipes", "paper"], "invalid choice: 'paper'"),
+    (["--eval-feature", "avg"], "invalid choice: 'avg'"),
     (["--budget-seconds", "0"], "--budget-seconds must be positive, got 0"),
     (["--budget-seconds", "-5"], "--budget-seconds must be positive, got -5"),
     (["--knn-levels", "0"], "--knn-levels are percentages in (0, 100]"),

@@ -2,7 +2,9 @@
 
 For the linear probe DINO also concatenates the CLS tokens of the last few blocks (each
 through the final norm, as its reference ``get_intermediate_layers`` does): more of the
-network's depth is visible to a linear classifier.
+network's depth is visible to a linear classifier. Its ``--avgpool_patchtokens`` appends
+the mean of the last block's normed patch tokens, for what the CLS token leaves out of
+the patches (``patch_mean``).
 """
 
 from __future__ import annotations
@@ -66,14 +68,17 @@ def _normalisation(mean: tuple, std: tuple, device: torch.device):
             torch.tensor(std, device=device).view(1, -1, 1, 1))
 
 
-def last_blocks_cls(backbone: ViT, x: torch.Tensor, n_last_blocks: int) -> torch.Tensor:
+def frozen_features(backbone: ViT, x: torch.Tensor, n_last_blocks: int = 1, *,
+                    patch_mean: bool = False) -> torch.Tensor:
     """The CLS tokens of the last ``n_last_blocks`` blocks, each after the final norm,
-    concatenated: ``(B, n_last_blocks * D)``, the last block last."""
+    concatenated, the last block last: ``(B, n_last_blocks * D)``; with ``patch_mean``,
+    followed by the mean over the last block's patch tokens after the final norm:
+    ``(B, (n_last_blocks + 1) * D)``."""
     depth = len(backbone.blocks)
     if not 1 <= n_last_blocks <= depth:
         raise ValueError(f"n_last_blocks must lie in [1, {depth}] (the ViT's depth), got "
                          f"{n_last_blocks}")
-    if n_last_blocks == 1:
+    if n_last_blocks == 1 and not patch_mean:
         return backbone(x)
     x = backbone.tokens(x)
     out = []
@@ -81,16 +86,19 @@ def last_blocks_cls(backbone: ViT, x: torch.Tensor, n_last_blocks: int) -> torch
         x, _ = block(x)
         if i >= depth - n_last_blocks:
             out.append(backbone.norm(x[:, 0]))
+    if patch_mean:
+        out.append(backbone.norm(x[:, 1:]).mean(dim=1))
     return torch.cat(out, dim=1)
 
 
 @torch.no_grad()
 def extract_features(backbone: ViT, images: torch.Tensor, mean, std, *,
                      batch_size: int = 512, device: torch.device | str | None = None,
-                     n_last_blocks: int = 1, _local: bool = False) -> torch.Tensor:
-    """CLS features ``(N, n_last_blocks * D)`` in float32 on ``device`` (default: the
-    backbone's); ``n_last_blocks = 1`` is the CLS token after the final norm. Computed
-    under :func:`eval_precision`.
+                     n_last_blocks: int = 1, patch_mean: bool = False,
+                     _local: bool = False) -> torch.Tensor:
+    """:func:`frozen_features` ``(N, (n_last_blocks + patch_mean) * D)`` in float32 on
+    ``device`` (default: the backbone's); the defaults are the CLS token after the final
+    norm. Computed under :func:`eval_precision`.
 
     Under ``torchrun`` every rank must call this together: each extracts a contiguous
     slice of the images and the slices are gathered in order, so every rank returns all
@@ -102,7 +110,7 @@ def extract_features(backbone: ViT, images: torch.Tensor, mean, std, *,
         mine = images[info.rank * per:(info.rank + 1) * per]
         return distributed.all_gather_cat(extract_features(
             backbone, mine, mean, std, batch_size=batch_size, device=device,
-            n_last_blocks=n_last_blocks, _local=True))
+            n_last_blocks=n_last_blocks, patch_mean=patch_mean, _local=True))
     was_training = backbone.training
     backbone.eval()
     size = backbone.cfg.image_size
@@ -111,8 +119,10 @@ def extract_features(backbone: ViT, images: torch.Tensor, mean, std, *,
         for i in range(0, images.shape[0], batch_size):
             x = to_model_input(images[i:i + batch_size].to(device, non_blocking=True),
                                mean, std, size)
-            out.append(last_blocks_cls(backbone, x, n_last_blocks).float())
+            out.append(frozen_features(backbone, x, n_last_blocks,
+                                       patch_mean=patch_mean).float())
     backbone.train(was_training)
     if not out:
-        return torch.zeros(0, n_last_blocks * backbone.cfg.dim, device=device)
+        return torch.zeros(0, (n_last_blocks + patch_mean) * backbone.cfg.dim,
+                           device=device)
     return torch.cat(out)
