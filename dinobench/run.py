@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import platform
 import shlex
@@ -163,16 +164,51 @@ def eval_every(opts: RunOptions, dataset: str, epochs: int) -> int:
     return 1 if opts.profile_name(dataset) == "quick" else max(1, epochs // 20)
 
 
+def unit_identity(ds: Dataset, seed: int, opts: RunOptions, recipe: Recipe, cfg: ViTConfig,
+                  info: distrib.DistInfo, device: torch.device) -> dict:
+    """What a checkpoint must match to be resumed: the data, seed, recipe and model."""
+    identity = {"dataset": ds.name, "n_images": int(ds.pretrain_images.shape[0]),
+                "fingerprint": checkpoint.fingerprint(ds.pretrain_images), "seed": seed,
+                "world_size": info.world_size, "device": device.type,
+                "recipe": dataclasses.asdict(recipe),
+                "vit": dataclasses.asdict(cfg),
+                # The records' validation k-NN must all come from one validation subset.
+                "val_size": opts.val_size}
+    if opts.eval_feature != "cls":  # and one feature (absent: CLS, as before the option)
+        identity["eval_feature"] = opts.eval_feature
+    return identity
+
+
+def evaluation_identity(ds: Dataset, opts: RunOptions, recipe: Recipe) -> dict:
+    """The evaluation settings and test images behind a finished unit's rows."""
+    return {"test_fingerprint": checkpoint.fingerprint(ds.test_images),
+            "knn": [opts.knn_k, opts.knn_temperature], "probe": opts.probe,
+            "n_last_blocks": opts.n_last_blocks,
+            "label_budgets": list(label_budgets(opts, ds.name)),
+            "supervised_epochs": opts.supervised_epochs or recipe.epochs}
+
+
 def run_unit(ds: Dataset, seed: int, opts: RunOptions, folder: RunFolder, device: torch.device,
              info: distrib.DistInfo, stop: StopOnSignal, log: Callable[[str], None]) -> dict:
     """Train and evaluate one (dataset, seed); returns ``{"rows": [...], "figure": ...}``."""
+    recipe = resolve_recipe(opts, ds.name, ds.spec.epochs)
+    cfg = vit_config(recipe, ds.spec)
+    identity = unit_identity(ds, seed, opts, recipe, cfg, info, device)
+    # A finished unit's rows also depend on how it was evaluated. As its JSON reads back
+    # (tuples as lists), to compare with the saved one.
+    finished = json.loads(json.dumps(
+        {**identity, "evaluation": evaluation_identity(ds, opts, recipe)}))
     if opts.resume:
         done = folder.load_done(ds.name, seed)
         if done is not None:
+            path = folder.done(ds.name, seed)
+            if "identity" not in done:
+                raise checkpoint.CheckpointError(
+                    f"{path} holds rows without the configuration that made them; start "
+                    "over with --restart")
+            checkpoint.check_identity(path, done["identity"], finished)
             log(f"[{ds.name}] seed {seed}: finished earlier, rows reused")
             return done
-    recipe = resolve_recipe(opts, ds.name, ds.spec.epochs)
-    cfg = vit_config(recipe, ds.spec)
     crop_cfg = MultiCropConfig.from_recipe(recipe, cfg.image_size, cfg.patch_size,
                                            ds.spec.mean, ds.spec.std)
     every = eval_every(opts, ds.name, recipe.epochs)
@@ -189,15 +225,6 @@ def run_unit(ds: Dataset, seed: int, opts: RunOptions, folder: RunFolder, device
                           compile=opts.compile, log_path=folder.train_log(ds.name, seed),
                           progress=opts.progress, log=log, dist=info,
                           on_epoch_end=on_epoch_end)
-    identity = {"dataset": ds.name, "n_images": int(ds.pretrain_images.shape[0]),
-                "fingerprint": checkpoint.fingerprint(ds.pretrain_images), "seed": seed,
-                "world_size": info.world_size, "device": device.type,
-                "recipe": dataclasses.asdict(recipe),
-                "vit": dataclasses.asdict(cfg),
-                # The records' validation k-NN must all come from one validation subset.
-                "val_size": opts.val_size}
-    if opts.eval_feature != "cls":  # and one feature (absent: CLS, as before the option)
-        identity["eval_feature"] = opts.eval_feature
     ckpt_path = folder.checkpoint(ds.name, seed)
     if opts.resume and ckpt_path.exists():
         saved = checkpoint.load(ckpt_path)
@@ -281,7 +308,8 @@ def run_unit(ds: Dataset, seed: int, opts: RunOptions, folder: RunFolder, device
                       if r["model"] == "random-init" and r["metric"] == headline)
     log(f"[{ds.name}] seed {seed}: k-NN top-1 {knn:.2f}% (DINO teacher) vs "
         f"{random_knn:.2f}% (random init); trained in {train_seconds:.1f} s")
-    unit = {"rows": rows, "figures": figures, "recipe": dataclasses.asdict(recipe)}
+    unit = {"rows": rows, "figures": figures, "recipe": dataclasses.asdict(recipe),
+            "identity": finished}
     if info.is_main:
         folder.save_done(ds.name, seed, unit)
     return unit

@@ -39,6 +39,10 @@ def test_collapse_reason_bands():
     # Only the tail counts: a teacher that starts uniform and then learns is fine.
     assert collapse_reason(_history([log_k, log_k, log_k, 1.0])) is None
     assert collapse_reason([]) is None
+    # A run that lasted one epoch is judged on it, and says so.
+    assert "uniform" in collapse_reason(_history([log_k]))
+    assert "in its only epoch" in collapse_reason(_history([log_k]))
+    assert "for the last 3 epochs" in collapse_reason(_history([log_k] * 4))
 
 
 def test_planted_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(

@@ -100,3 +100,14 @@ def test_resume_of_a_finished_run_reuses_its_rows(reference, tmp_path):
     again = dinobench("run", *FLAGS, "--out", str(reference), "--resume")
     assert again.returncode == 0, again.stderr
     assert "finished earlier" in again.stdout
+
+
+def test_resume_of_a_finished_run_with_other_flags_is_refused(reference):
+    """Rows of a finished run are reused only for the flags that made them: a changed
+    recipe or a changed evaluation is refused, not answered with the old rows."""
+    for flag, value, named in (("--student-temp", "0.5", "student_temp"),
+                               ("--knn-k", "5", "knn")):
+        changed = dinobench("run", *FLAGS, flag, value, "--out", str(reference), "--resume")
+        assert changed.returncode == 2, changed.stderr
+        line = one_line_error(changed.stderr)
+        assert "cannot resume" in line and named in line, line

@@ -68,7 +68,7 @@ def collapse_reason(history: list[dict], band: float = COLLAPSE_BAND,
             return ""
         return f" with KL(teacher || student) {last['kl']:.4f} nats"
 
-    span = f"for the last {len(tail)} epochs"
+    span = f"for the last {len(tail)} epochs" if len(tail) > 1 else "in its only epoch"
     if all(rec.get("marginal_entropy") is not None
            and rec["marginal_entropy"] < band * log_k and kl_vanishes(rec) for rec in tail):
         used = (f", {last['outputs_used']} output(s) in use"
