@@ -15,7 +15,6 @@ from .bench import add_bench_parser, run_bench
 from .config import (
     AUTO_FIELDS,
     CENTERINGS,
-    EVAL_FEATURES,
     PROFILES,
     RECIPES,
     defaults_text,
@@ -23,7 +22,7 @@ from .config import (
 )
 from .errors import UserError
 from .sweep import add_sweep_parser, run_sweep
-from .sweep_cli import count_or_fraction
+from .sweep_cli import add_eval_feature_flag, count_or_fraction
 
 
 class _Parser(argparse.ArgumentParser):
@@ -129,10 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--n-last-blocks", type=int, default=1, metavar="N",
                     help="probe features: CLS tokens of the last N blocks (DINO uses 4; "
                     "default: 1)")
-    ev.add_argument("--eval-feature", choices=EVAL_FEATURES, default="cls",
-                    help="frozen features for k-NN and the probes: the teacher's CLS token, or "
-                    "CLS plus the mean of the last block's patch tokens (DINO's avgpool "
-                    "evaluation) (default: cls)")
+    add_eval_feature_flag(ev)
     ev.add_argument("--eval-every", type=int, default=None, metavar="N",
                     help="validation k-NN of the teacher every N epochs, for the learning "
                     "curve and time to accuracy; 0: off (default: 1 in the quick profile, "

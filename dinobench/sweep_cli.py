@@ -14,6 +14,14 @@ from .config import EVAL_FEATURES, PROFILES, RECIPES
 from .eval.time_to_accuracy import KNN_LEVELS
 from .sweep_grid import add_grid_flags
 
+
+def add_eval_feature_flag(group) -> None:
+    """``--eval-feature``, the same for run and sweep."""
+    group.add_argument("--eval-feature", choices=EVAL_FEATURES, default="cls",
+                       help="frozen features for k-NN and the probes: the teacher's CLS "
+                       "token, or CLS plus the mean of the last block's patch tokens "
+                       "(DINO's avgpool evaluation) (default: cls)")
+
 DESCRIPTION = """\
 Run a grid of recipe variants, each over the same seeds and budget, and tabulate them.
 
@@ -121,10 +129,7 @@ def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
                     help="fit the final linear probe in every run (default: off)")
     ev.add_argument("--n-last-blocks", type=int, default=1, metavar="N",
                     help="probe features: CLS tokens of the last N blocks (default: 1)")
-    ev.add_argument("--eval-feature", choices=EVAL_FEATURES, default="cls",
-                    help="frozen features for k-NN and the probes: the teacher's CLS token, or "
-                    "CLS plus the mean of the last block's patch tokens (DINO's avgpool "
-                    "evaluation) (default: cls)")
+    add_eval_feature_flag(ev)
     data = p.add_argument_group("data (passed to every run)")
     data.add_argument("--data-dir", default=None, metavar="DIR",
                       help="folder holding the datasets (default: $DINOBENCH_DATA, else "
