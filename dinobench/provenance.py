@@ -17,6 +17,15 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def machine() -> str:
+    """The host a run was made on, for its metadata: CPU architecture and cores, and the
+    accelerator when there is one, so a wall time can be read against its hardware."""
+    host = f"{platform.machine()}, {os.cpu_count()} cores"
+    if torch.cuda.is_available():
+        host += f", {torch.cuda.get_device_name()}"
+    return host
+
+
 def git_commit() -> str | None:
     """The package's commit, with ``+dirty`` when its files differ from it."""
     here = Path(__file__).parent

@@ -203,6 +203,24 @@ def time_table(summary: list[dict]) -> str:
                   cols=cols)
 
 
+def provenance_note(meta: dict | None) -> str:
+    """How the run was made, from its ``meta``: the command, commit, machine, seeds and
+    wall time; empty for metadata without a command."""
+    if not isinstance(meta, dict) or not meta.get("command"):
+        return ""
+    parts = [f"`{meta['command']}`"]
+    if meta.get("git_commit"):
+        parts.append(f"commit {meta['git_commit']}")
+    if meta.get("machine"):
+        threads = f", {meta['threads']} threads" if meta.get("threads") else ""
+        parts.append(f"{meta['machine']}{threads}")
+    if meta.get("seeds"):
+        parts.append("seeds " + " ".join(str(s) for s in meta["seeds"]))
+    if meta.get("seconds") is not None:
+        parts.append(f"{meta['seconds'] / 60:.1f} min wall")
+    return "Made by " + " · ".join(parts) + ".\n\n"
+
+
 def features_note(meta: dict | None) -> str:
     """Which ViT features the k-NN and probe scores come from; empty for results
     written before there was a choice."""
@@ -216,7 +234,7 @@ def to_markdown(rows: list[dict], meta: dict | None = None) -> str:
     """The long table; when the rows hold more than k-NN, sections before it: a summary
     across datasets, labels versus no labels, and background x resolution. Led by
     :func:`features_note` of the run's ``meta``."""
-    note = features_note(meta)
+    note = provenance_note(meta) + features_note(meta)
     summary = summarize(rows)
     if all(s["metric"] == "knn_top1" for s in summary):
         return note + long_table(summary)
@@ -384,20 +402,49 @@ def rebuild(out_dir: str | Path) -> str:
 
 
 def index_markdown(root: str | Path) -> str:
-    """One summary table across every run folder under ``root`` (any depth; each holding
-    a results.json), a line per (run, dataset, model)."""
+    """The results index: ``root/findings.md`` first when there is one (the prose that
+    reads the tables), then one summary table across every run folder under ``root``
+    (any depth; each holding a results.json), a line per (run, dataset, model), what made
+    each run, and a line per sweep pointing to its table. A sweep's per-seed unit folders
+    are left to the sweep's own table."""
     root = Path(root)
-    summary = []
+    summary, made = [], []
     for path in sorted(root.glob("**/results.json")):
+        if (path.parent / "sweep_unit.json").is_file() or any(
+                (p / "sweep.json").is_file() for p in path.parents if p != root.parent):
+            continue
         run = path.parent.relative_to(root).as_posix()
-        summary += [{**s, "run": run} for s in summarize(load_results(path.parent)["rows"])]
+        data = load_results(path.parent)
+        summary += [{**s, "run": run} for s in summarize(data["rows"])]
+        note = provenance_note(data.get("meta")).strip()
+        if note:
+            made.append(f"- [{run}]({run}/results.md): {note[len('Made by '):]}")
+    sweeps = []
+    for path in sorted(root.glob("**/sweep.json")):
+        folder = path.parent.relative_to(root).as_posix()
+        try:
+            command = json.loads(path.read_text()).get("command", "")
+        except (OSError, json.JSONDecodeError):
+            command = ""
+        sweeps.append(f"- [{folder}]({folder}/sweep.md)" + (f": `{command}`" if command
+                                                             else ""))
     table = summary_table(summary, leading=("run",))
-    if not table:
+    if not table and not sweeps:
         return ""
-    note = pixels_note(summary, leading=("run",))
-    return ("# Results\n\nTop-1 accuracies and attention-foreground overlap scores (%), "
-            "mean ± std over seeds, gathered from every run folder here. Each run's "
-            "results.md holds all its tables.\n\n" + table + ("\n" + note if note else ""))
+    findings = root / "findings.md"
+    parts = [findings.read_text().rstrip() + "\n\n" if findings.is_file() else "",
+             "# Results\n\n"]
+    if table:
+        note = pixels_note(summary, leading=("run",))
+        parts += ["Top-1 accuracies and attention-foreground overlap scores (%), mean ± std "
+                  "over seeds, gathered from every run folder here. Each run's results.md "
+                  "holds all its tables.\n\n", table, "\n" + note if note else ""]
+    if made:
+        parts += ["\n## How each run was made\n\n", "\n".join(made) + "\n"]
+    if sweeps:
+        parts += ["\n## Studies (sweeps; each sweep.md has the table over variants and "
+                  "seeds)\n\n", "\n".join(sweeps) + "\n"]
+    return "".join(parts)
 
 
 def write_index(root: str | Path) -> str:

@@ -47,7 +47,7 @@ from .experiments import (
     training_rows,
     validation_split,
 )
-from .provenance import device_name, git_commit, set_deterministic
+from .provenance import device_name, git_commit, machine, set_deterministic
 from .report import write_results
 from .runfolder import RunFolder
 from .signals import StopOnSignal
@@ -419,6 +419,7 @@ def run(opts: RunOptions | None = None, log: Callable[[str], None] = print) -> l
             "recipes": recipes, "seeds": list(opts.seeds), "git_commit": git_commit(),
             "versions": {"dinobench": __version__, "python": platform.python_version(),
                          "torch": torch.__version__},
+            "machine": machine(), "threads": torch.get_num_threads(),
             "world_size": info.world_size, "deterministic": opts.deterministic,
             "eval_feature": opts.eval_feature,
             "seconds": round(time.perf_counter() - t0, 1),

@@ -1,0 +1,52 @@
+"""The results index: findings first, run folders with how each was made, sweeps by link."""
+
+import json
+
+import pytest
+
+from dinobench.errors import UserError
+from dinobench.report import index_markdown, provenance_note, write_index, write_results
+
+
+def rows(dataset: str, model: str, value: float) -> list[dict]:
+    return [{"dataset": dataset, "model": model, "metric": "knn_top1", "value": value,
+             "seed": 0}]
+
+
+META = {"command": "dinobench run --datasets digits", "git_commit": "abc1234",
+        "machine": "x86_64, 2 cores", "threads": 1, "seeds": [0, 1, 2], "seconds": 90.0}
+
+
+def test_provenance_note_names_command_commit_machine_seeds_and_wall_time():
+    note = provenance_note(META)
+    assert note == ("Made by `dinobench run --datasets digits` · commit abc1234 · "
+                    "x86_64, 2 cores, 1 threads · seeds 0 1 2 · 1.5 min wall.\n\n")
+    assert provenance_note({"seeds": [0]}) == ""  # no command: nothing to say
+    assert provenance_note(None) == ""
+
+
+def test_index_opens_with_findings_lists_runs_and_links_sweeps(tmp_path):
+    write_results(tmp_path / "reference" / "digits-cpu", rows("digits", "dino-small", 90.0),
+                  META, {})
+    sweep = tmp_path / "studies" / "lr"
+    unit = sweep / "variants" / "base" / "seed0"
+    write_results(unit, rows("digits", "dino-small", 50.0), {"command": "unit"}, {})
+    (unit / "sweep_unit.json").write_text("{}")
+    (sweep / "sweep.json").write_text(json.dumps({"kind": "dinobench-sweep",
+                                                  "command": "dinobench sweep --lr 1e-3"}))
+    (tmp_path / "findings.md").write_text("# What DINO learns here\n\nIt learns.\n")
+
+    md = write_index(tmp_path)
+    assert md.startswith("# What DINO learns here\n\nIt learns.\n\n# Results\n")
+    assert "| reference/digits-cpu | digits | dino-small | 90.00 |" in md
+    assert "variants/base/seed0" not in md  # a sweep's units stay in its own table
+    assert ("- [reference/digits-cpu](reference/digits-cpu/results.md): "
+            "`dinobench run --datasets digits` · commit abc1234") in md
+    assert "- [studies/lr](studies/lr/sweep.md): `dinobench sweep --lr 1e-3`" in md
+    assert (tmp_path / "README.md").read_text() == md
+    assert md.startswith(index_markdown(tmp_path)[:20])
+
+
+def test_index_of_an_empty_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="dinobench run"):
+        write_index(tmp_path)
