@@ -410,8 +410,9 @@ def index_markdown(root: str | Path) -> str:
     root = Path(root)
     summary, made = [], []
     for path in sorted(root.glob("**/results.json")):
+        inside = [p for p in path.parents if p == root or root in p.parents]
         if (path.parent / "sweep_unit.json").is_file() or any(
-                (p / "sweep.json").is_file() for p in path.parents if p != root.parent):
+                (p / "sweep.json").is_file() for p in inside):
             continue
         run = path.parent.relative_to(root).as_posix()
         data = load_results(path.parent)
