@@ -203,9 +203,9 @@ def time_table(summary: list[dict]) -> str:
                   cols=cols)
 
 
-def provenance_note(meta: dict | None) -> str:
+def provenance(meta: dict | None) -> str:
     """How the run was made, from its ``meta``: the command, commit, machine, seeds and
-    wall time; empty for metadata without a command."""
+    wall time, joined by " · "; empty for metadata without a command."""
     if not isinstance(meta, dict) or not meta.get("command"):
         return ""
     parts = [f"`{meta['command']}`"]
@@ -218,7 +218,13 @@ def provenance_note(meta: dict | None) -> str:
         parts.append("seeds " + " ".join(str(s) for s in meta["seeds"]))
     if meta.get("seconds") is not None:
         parts.append(f"{meta['seconds'] / 60:.1f} min wall")
-    return "Made by " + " · ".join(parts) + ".\n\n"
+    return " · ".join(parts)
+
+
+def provenance_note(meta: dict | None) -> str:
+    """The :func:`provenance` line that opens a run's results.md."""
+    made = provenance(meta)
+    return f"Made by {made}.\n\n" if made else ""
 
 
 def features_note(meta: dict | None) -> str:
@@ -233,7 +239,7 @@ def features_note(meta: dict | None) -> str:
 def to_markdown(rows: list[dict], meta: dict | None = None) -> str:
     """The long table; when the rows hold more than k-NN, sections before it: a summary
     across datasets, labels versus no labels, and background x resolution. Led by
-    :func:`features_note` of the run's ``meta``."""
+    :func:`provenance_note` and :func:`features_note` of the run's ``meta``."""
     note = provenance_note(meta) + features_note(meta)
     summary = summarize(rows)
     if all(s["metric"] == "knn_top1" for s in summary):
@@ -417,9 +423,8 @@ def index_markdown(root: str | Path) -> str:
         run = path.parent.relative_to(root).as_posix()
         data = load_results(path.parent)
         summary += [{**s, "run": run} for s in summarize(data["rows"])]
-        note = provenance_note(data.get("meta")).strip()
-        if note:
-            made.append(f"- [{run}]({run}/results.md): {note[len('Made by '):]}")
+        if provenance(data.get("meta")):
+            made.append(f"- [{run}]({run}/results.md): {provenance(data['meta'])}.")
     sweeps = []
     for path in sorted(root.glob("**/sweep.json")):
         folder = path.parent.relative_to(root).as_posix()
