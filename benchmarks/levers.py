@@ -1,7 +1,7 @@
 """What each speed lever gives, measured side by side in one run on one device.
 
     python benchmarks/levers.py [--device cpu] [--batch 8] [--depth 12] [--rounds 7]
-                                [--compile]
+                                [--compile] [--precision-only]
 
 Each lever is timed against its baseline in alternating rounds (A, B, A, B, ...), so load
 from other processes hits both alike; the table gives the median time of each and the
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from dinobench.bench import SHAPES
-from dinobench.config import SEED
+from dinobench.config import SEED, SMALL
 from dinobench.dino import ema
 from dinobench.dino.clip import clip_per_tensor_
 from dinobench.dino.ema import ema_update_
@@ -186,7 +186,34 @@ def measure(device: torch.device, batch: int, depth: int, rounds: int,
                              lambda: ref.step(crops, **kw), rounds, timer))
     rows.append({"lever": "blocking constant tensors per step",
                  "count": count_blocking_constants(trainer, images, kw)})
+    if not cuda:
+        rows.append(small_step_precision(device, rounds, timer))
     return rows
+
+
+def small_step_precision(device: torch.device, rounds: int, timer: Timer) -> dict:
+    """``--precision bf16`` against fp32 for the whole step of the ``small`` recipe on
+    MNIST's shape (what the CPU runs use): two trainers with the same weights and seed."""
+    shape = SHAPES["mnist"]
+    recipe = SMALL.for_dataset(shape.natural_images).validate()
+    cfg = ViTConfig(image_size=shape.image_size, grid=shape.grid, in_chans=shape.channels,
+                    dim=recipe.dim, depth=recipe.depth, heads=recipe.heads,
+                    mlp_dim=recipe.mlp_dim, pos_embed_std=recipe.pos_embed_std)
+    crop = MultiCropConfig.from_recipe(recipe, cfg.image_size, cfg.patch_size, shape.mean,
+                                       shape.std)
+    images = torch.randint(0, 256, (recipe.batch_size, shape.channels, shape.image_size,
+                                    shape.image_size), dtype=torch.uint8, device=device)
+    kw = {"lr": 1e-4, "wd": 0.04, "momentum": 0.99, "teacher_temp": 0.04,
+          "freeze_last_layer": False}
+    steps = {}
+    for precision in ("bf16", "fp32"):
+        tr = DINOTrainer(recipe, cfg, crop, device=device, progress=False, log=lambda s: None,
+                         precision=precision)
+        gen = torch.Generator(device).manual_seed(0)
+        steps[precision] = lambda tr=tr, gen=gen: tr.step(images, gen, **kw)
+    return side_by_side(f"CPU autocast, whole step (small recipe, MNIST shape, batch "
+                        f"{recipe.batch_size})", "--precision bf16", "fp32", steps["bf16"],
+                        steps["fp32"], rounds * 3, timer)
 
 
 def table(rows: list[dict], env: dict) -> str:
@@ -212,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--compile", action="store_true", help="also time clip + EMA compiled "
                    "by torch.compile against eager")
+    p.add_argument("--precision-only", action="store_true", help="only the CPU's "
+                   "--precision bf16 against fp32 for the small recipe's whole step")
     p.add_argument("--json", default=None, help="also write the rows here")
     a = p.parse_args(argv)
     if a.threads:
@@ -219,7 +248,10 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(a.device)
     batch = a.batch or (256 if device.type == "cuda" else 8)
     env = {**environment(device), "batch": batch, "depth": a.depth}
-    rows = measure(device, batch, a.depth, a.rounds, a.compile)
+    if a.precision_only:
+        rows = [small_step_precision(device, a.rounds, Timer(device))]
+    else:
+        rows = measure(device, batch, a.depth, a.rounds, a.compile)
     print(f"levers at batch {batch}, depth {a.depth}, CIFAR-10 shapes, seed recipe")
     print(table(rows, env))
     if a.json:

@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 
 from .bench_table import EPOCH_IMAGES, format_table, result_path
-from .config import RECIPES, get_recipe
+from .config import PRECISIONS, RECIPES, get_recipe
 from .data.registry import SPECS, DatasetSpec
 from .devices import resolve_device
 from .dino.multicrop import MultiCropConfig
-from .dino.train import DINOTrainer
+from .dino.train import DINOTrainer, resolved_precision
 from .errors import ConfigError, UserError
 from .io import atomic_write_json
 from .perf import (
@@ -80,8 +80,7 @@ class BenchOptions:
     def resolved(self) -> BenchOptions:
         """Fill device-dependent defaults and check every value."""
         dev = resolve_device(self.device)
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ConfigError(f"--precision must be auto, bf16 or fp32, got {self.precision}")
+        resolved_precision(self.precision, dev)  # a clear error for a bad name
         if self.dataset_shape not in SHAPES:
             raise ConfigError(f"--dataset-shape must be one of {', '.join(SHAPES)}")
         cuda = dev.type == "cuda"
@@ -120,10 +119,7 @@ def build(o: BenchOptions) -> tuple[DINOTrainer, torch.Tensor, DatasetSpec, Mult
     crop = MultiCropConfig.from_recipe(recipe, cfg.image_size, cfg.patch_size, shape.mean,
                                        shape.std)
     trainer = DINOTrainer(recipe, cfg, crop, device=o.device, seed=o.seed, progress=False,
-                          log=lambda s: None)
-    if o.precision != "auto":  # the trainer's own choice is bf16 on CUDA, fp32 on a CPU
-        trainer.autocast = torch.autocast(trainer.device.type, dtype=torch.bfloat16,
-                                          enabled=o.precision == "bf16")
+                          log=lambda s: None, precision=o.precision)
     if o.compile:
         trainer.student_fwd = torch.compile(trainer.student, dynamic=False, mode=o.compile_mode)
         trainer.teacher_fwd = torch.compile(trainer.teacher, dynamic=False, mode=o.compile_mode)
@@ -225,7 +221,7 @@ def bench(o: BenchOptions, log=print, path: str | Path | None = None) -> dict:
         watcher = fresh_compile_state(say)
     trainer, pool, shape, crop = build(o)
     cfg = trainer.vit_cfg
-    bf16 = o.precision == "bf16" or (o.precision == "auto" and device.type == "cuda")
+    bf16 = resolved_precision(o.precision, device) == "bf16"
     result = {
         **env, "options": asdict(o),
         "dataset_shape": o.dataset_shape, "recipe": o.recipe, "batch_size": o.batch_size,
@@ -325,7 +321,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--compile-mode", default=d.compile_mode,
                    choices=["default", "reduce-overhead", "max-autotune",
                             "max-autotune-no-cudagraphs"], help="torch.compile mode")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=d.precision,
+    p.add_argument("--precision", choices=PRECISIONS, default=d.precision,
                    help="autocast of the step: auto is the trainer's (bf16 on CUDA, fp32 on a "
                    "CPU)")
     p.add_argument("--compare", action="store_true", help="also time the reference "

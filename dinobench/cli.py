@@ -22,7 +22,7 @@ from .config import (
 )
 from .errors import UserError
 from .sweep import add_sweep_parser, run_sweep
-from .sweep_cli import add_eval_feature_flag, count_or_fraction
+from .sweep_cli import add_eval_feature_flag, add_precision_flag, count_or_fraction
 
 
 class _Parser(argparse.ArgumentParser):
@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run folder (default: results/<datasets>-<recipe>-<profile>)")
     run.add_argument("--compile", action="store_true",
                      help="torch.compile the student and teacher (static shapes)")
+    add_precision_flag(run)
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
     run.add_argument("--budget-seconds", type=float, default=None, metavar="S",
                      help="stop training after S seconds of it (evaluations excluded), then "
@@ -204,7 +205,7 @@ def _run(args: argparse.Namespace) -> None:
         datasets += [name for name in COMPOSITES if name not in datasets]
     run(RunOptions(datasets=datasets, recipe=args.recipe, profile=args.profile,
                    overrides=overrides, seeds=args.seeds, device=args.device, out=args.out,
-                   compile=args.compile, knn_k=args.knn_k,
+                   compile=args.compile, precision=args.precision, knn_k=args.knn_k,
                    knn_temperature=args.knn_temperature, progress=not args.no_progress,
                    data_dir=args.data_dir, download=args.download,
                    train_subset=args.train_subset, labels_per_class=args.labels_per_class,

@@ -187,6 +187,9 @@ EVAL_FEATURES = {
                       "the final norm, concatenated",
 }
 
+# Autocast of the training step (--precision): auto is bf16 on CUDA and float32 on a CPU.
+PRECISIONS = ("auto", "bf16", "fp32")
+
 
 def _flag(name: str) -> str:
     return name.replace("_", "-")

@@ -213,7 +213,8 @@ def provenance(meta: dict | None) -> str:
         parts.append(f"commit {meta['git_commit']}")
     if meta.get("machine"):
         threads = f", {meta['threads']} threads" if meta.get("threads") else ""
-        parts.append(f"{meta['machine']}{threads}")
+        bf16 = ", bf16 autocast" if meta.get("precision") == "bf16" else ""
+        parts.append(f"{meta['machine']}{threads}{bf16}")
     if meta.get("seeds"):
         parts.append("seeds " + " ".join(str(s) for s in meta["seeds"]))
     if meta.get("seconds") is not None:

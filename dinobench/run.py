@@ -30,7 +30,7 @@ from .data.subsets import validation_count
 from .devices import default_device, resolve_device
 from .dino.faults import knn_at_chance
 from .dino.multicrop import MultiCropConfig
-from .dino.train import DINOTrainer, Interrupted
+from .dino.train import DINOTrainer, Interrupted, resolved_precision
 from .errors import ConfigError, DataError, UserError
 from .eval.supervised import SupervisedConfig
 from .eval.time_to_accuracy import knn_levels
@@ -66,6 +66,7 @@ class RunOptions:
     device: str | None = None  # None: cuda when available, else cpu
     out: str | Path | None = None  # None: results/<run-name>
     compile: bool = False  # torch.compile the student and teacher
+    precision: str = "auto"  # the step's autocast: auto (bf16 on CUDA, fp32 on a CPU), bf16, fp32
     knn_k: int = 20
     knn_temperature: float = 0.07
     attention_images: int = 16  # test images in the attention figure
@@ -176,6 +177,8 @@ def unit_identity(ds: Dataset, seed: int, opts: RunOptions, recipe: Recipe, cfg:
                 "val_size": opts.val_size}
     if opts.eval_feature != "cls":  # and one feature (absent: CLS, as before the option)
         identity["eval_feature"] = opts.eval_feature
+    if opts.precision != "auto":  # and one precision (absent: auto, as before the option)
+        identity["precision"] = opts.precision
     return identity
 
 
@@ -224,7 +227,7 @@ def run_unit(ds: Dataset, seed: int, opts: RunOptions, folder: RunFolder, device
     trainer = DINOTrainer(recipe, cfg, crop_cfg, device=device, seed=seed,
                           compile=opts.compile, log_path=folder.train_log(ds.name, seed),
                           progress=opts.progress, log=log, dist=info,
-                          on_epoch_end=on_epoch_end)
+                          on_epoch_end=on_epoch_end, precision=opts.precision)
     ckpt_path = folder.checkpoint(ds.name, seed)
     if opts.resume and ckpt_path.exists():
         saved = checkpoint.load(ckpt_path)
@@ -334,6 +337,7 @@ def check_options(opts: RunOptions) -> None:
         raise ConfigError(f"--budget-seconds must be a positive number of seconds, got "
                           f"{opts.budget_seconds}")
     validation_count(1, opts.val_size)  # its type and range, before any data is loaded
+    resolved_precision(opts.precision, torch.device("cpu"))  # a clear error for a bad name
     if opts.eval_feature not in EVAL_FEATURES:
         raise ConfigError(f"--eval-feature {opts.eval_feature!r} is not one of: "
                           f"{', '.join(EVAL_FEATURES)}")
@@ -422,6 +426,7 @@ def run(opts: RunOptions | None = None, log: Callable[[str], None] = print) -> l
             "machine": machine(), "threads": torch.get_num_threads(),
             "world_size": info.world_size, "deterministic": opts.deterministic,
             "eval_feature": opts.eval_feature,
+            "precision": resolved_precision(opts.precision, device),
             "seconds": round(time.perf_counter() - t0, 1),
         }
         md = write_results(folder.path, rows, meta, figures)

@@ -47,7 +47,7 @@ UNIT_MARKER = "sweep_unit.json"
 _NOT_IDENTITY = ("out", "resume", "restart", "progress", "checkpoint_every", "seeds")
 # RunOptions fields added after sweeps were first written: left out at their default,
 # which is what those sweeps computed, so rerunning one still finds its runs.
-_LATER_DEFAULTS = {"eval_feature": "cls"}
+_LATER_DEFAULTS = {"eval_feature": "cls", "precision": "auto"}
 
 
 @dataclasses.dataclass
@@ -334,7 +334,8 @@ def options_from_args(args: argparse.Namespace) -> SweepOptions:
     if args.eval_every is not None and args.eval_every < 0:
         raise ConfigError(f"--eval-every must not be negative, got {args.eval_every}")
     run = {"datasets": list(args.datasets), "profile": args.profile, "device": args.device,
-           "compile": args.compile, "deterministic": args.deterministic,
+           "compile": args.compile, "precision": args.precision,
+           "deterministic": args.deterministic,
            "checkpoint_every": args.checkpoint_every, "progress": not args.no_progress,
            "eval_every": args.eval_every, "knn_k": args.knn_k,
            "knn_temperature": args.knn_temperature, "probe": args.probe,

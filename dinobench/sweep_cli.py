@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from .config import EVAL_FEATURES, PROFILES, RECIPES
+from .config import EVAL_FEATURES, PRECISIONS, PROFILES, RECIPES
 from .eval.time_to_accuracy import KNN_LEVELS
 from .sweep_grid import add_grid_flags
 
@@ -21,6 +21,15 @@ def add_eval_feature_flag(group) -> None:
                        help="frozen features for k-NN and the probes: the teacher's CLS "
                        "token, or CLS plus the mean of the last block's patch tokens "
                        "(DINO's avgpool evaluation) (default: cls)")
+
+def add_precision_flag(parser) -> None:
+    """``--precision``, the same for run and sweep."""
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="autocast of the training step's forward passes: auto is bf16 "
+                        "on CUDA and float32 on a CPU; bf16 on a CPU pays on cores with "
+                        "native bf16 (AVX512-BF16, AMX); the loss, center, teacher update "
+                        "and every evaluation stay float32 (default: auto)")
+
 
 DESCRIPTION = """\
 Run a grid of recipe variants, each over the same seeds and budget, and tabulate them.
@@ -110,6 +119,7 @@ def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="torch device (default: cuda if "
                    "available, else cpu)")
     p.add_argument("--compile", action="store_true", help="torch.compile every run")
+    add_precision_flag(p)
     p.add_argument("--deterministic", action="store_true",
                    help="deterministic kernels in every run")
     p.add_argument("--checkpoint-every", type=int, default=10, metavar="N",

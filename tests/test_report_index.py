@@ -22,6 +22,9 @@ def test_provenance_note_names_command_commit_machine_seeds_and_wall_time():
     assert note == ("Made by `dinobench run --datasets digits` · commit abc1234 · "
                     "x86_64, 2 cores, 1 threads · seeds 0 1 2 · 1.5 min wall.\n\n")
     assert provenance_note({"seeds": [0]}) == ""  # no command: nothing to say
+    assert ("x86_64, 2 cores, 1 threads, bf16 autocast · seeds"
+            in provenance_note({**META, "precision": "bf16"}))
+    assert provenance_note({**META, "precision": "fp32"}) == note
     assert provenance_note(None) == ""
 
 

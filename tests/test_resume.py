@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 
 import pytest
@@ -100,13 +101,16 @@ def test_resume_of_a_finished_run_reuses_its_rows(reference, tmp_path):
     again = dinobench("run", *FLAGS, "--out", str(reference), "--resume")
     assert again.returncode == 0, again.stderr
     assert "finished earlier" in again.stdout
+    meta = json.loads((reference / "results.json").read_text())["meta"]
+    assert meta["precision"] == "fp32"  # auto on a CPU
 
 
 def test_resume_of_a_finished_run_with_other_flags_is_refused(reference):
     """Rows of a finished run are reused only for the flags that made them: a changed
     recipe or a changed evaluation is refused, not answered with the old rows."""
     for flag, value, named in (("--student-temp", "0.5", "student_temp"),
-                               ("--knn-k", "5", "knn")):
+                               ("--knn-k", "5", "knn"),
+                               ("--precision", "bf16", "precision")):
         changed = dinobench("run", *FLAGS, flag, value, "--out", str(reference), "--resume")
         assert changed.returncode == 2, changed.stderr
         line = one_line_error(changed.stderr)

@@ -317,6 +317,21 @@ def test_eval_feature_reaches_every_run_and_cls_keeps_older_sweeps_identity(tmp_
     assert "mean of the last block's patch tokens" in (out / "sweep.md").read_text()
 
 
+def test_precision_reaches_every_run_and_auto_keeps_older_sweeps_identity(tmp_path,
+                                                                         monkeypatch):
+    args = build_parser().parse_args(["sweep", "--precision", "bf16"])
+    assert options_from_args(args).run["precision"] == "bf16"
+    out = tmp_path / "study"
+    monkeypatch.setattr(sweep_module, "run_unit", FakeRuns())
+    sweep(_options(out, temps=(0.5,), seeds=(0,)), log=lambda m: None)
+    marker = out / "variants" / "base" / "seed0" / "sweep_unit.json"
+    assert "precision" not in json.loads(marker.read_text())["options"]
+    bf16 = _options(out, temps=(0.5,), seeds=(0,))
+    bf16.run["precision"] = "bf16"  # a different computation: not the same sweep
+    with pytest.raises(UserError, match="options precision"):
+        sweep(bf16, log=lambda m: None)
+
+
 def test_a_different_grid_is_refused_unless_restart(tmp_path, monkeypatch):
     out = tmp_path / "study"
     monkeypatch.setattr(sweep_module, "run_unit", FakeRuns())

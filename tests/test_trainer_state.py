@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from dinobench.dino.clip import clip_per_tensor_
 from dinobench.dino.model_setup import param_groups
 from dinobench.dino.multicrop import MultiCropConfig
-from dinobench.dino.train import DINOTrainer, Interrupted
+from dinobench.dino.train import DINOTrainer, Interrupted, resolved_precision
+from dinobench.errors import ConfigError
 
 
 def test_clip_per_tensor_matches_a_loop_over_tensors():
@@ -212,3 +214,34 @@ def test_a_time_budget_cuts_training_and_a_larger_one_continues_exactly(
     # The continued epoch 2 averages all of its steps, as the uncut run did.
     full = [r for r in done.history if r["step"] % 5 == 0]
     assert [r["loss"] for r in full] == [r["loss"] for r in straight.history]
+
+
+def test_precision_bf16_runs_the_forward_passes_in_bf16_and_keeps_the_state_float32(
+        tiny_recipe, tiny_vit_cfg):
+    crop = MultiCropConfig.from_recipe(tiny_recipe, 16, 4, (0.5,), (0.25,))
+    images = torch.randint(0, 256, (8, 1, 16, 16), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    out = {}
+    for precision in ("fp32", "bf16"):
+        trainer = DINOTrainer(tiny_recipe, tiny_vit_cfg, crop, seed=3, progress=False,
+                              log=lambda m: None, precision=precision)
+        crops = trainer.multicrop(images, torch.Generator().manual_seed(1))
+        teacher_out, targets, loss = trainer._forward_backward(crops, 0.04)
+        out[precision] = (teacher_out, targets, loss)
+        trainer.step(images, torch.Generator().manual_seed(1), lr=1e-3, wd=0.04,
+                     momentum=0.99, teacher_temp=0.04, freeze_last_layer=False)
+        assert trainer.center.dtype == torch.float32
+        assert all(p.dtype == torch.float32 for p in trainer.teacher.parameters())
+    assert out["fp32"][0].dtype == torch.float32 and out["bf16"][0].dtype == torch.bfloat16
+    assert out["bf16"][1].dtype == out["bf16"][2].dtype == torch.float32  # loss in float32
+    # Same weights and crops: bf16 rounding (8 bits of mantissa) moves the loss a little.
+    fp32, bf16 = float(out["fp32"][2]), float(out["bf16"][2])
+    assert fp32 != bf16 and abs(fp32 - bf16) < 0.02 * abs(fp32)
+
+
+def test_precision_names_resolve_per_device_and_a_bad_one_is_refused():
+    assert resolved_precision("auto", torch.device("cpu")) == "fp32"
+    assert resolved_precision("auto", torch.device("cuda")) == "bf16"
+    assert resolved_precision("bf16", torch.device("cpu")) == "bf16"
+    with pytest.raises(ConfigError, match="--precision must be one of auto, bf16, fp32"):
+        resolved_precision("fp16", torch.device("cpu"))

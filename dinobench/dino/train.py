@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import Recipe
+from ..config import PRECISIONS, Recipe
 from ..data.device import DeviceImages
 from ..distributed import SINGLE, DistInfo, any_rank, gather_objects
 from ..errors import ConfigError
@@ -58,6 +58,25 @@ class TrainResult:
     budget_stop: bool = False  # the time budget (max_seconds) ended training early
 
 
+def resolved_precision(precision: str, device: torch.device) -> str:
+    """``bf16`` or ``fp32``: what ``--precision`` means on ``device``. ``auto`` is bf16 on
+    CUDA and float32 on a CPU, where bf16 pays only on cores with native bf16 instructions
+    (AVX512-BF16, AMX), so it must be asked for."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got "
+                          f"{precision!r}")
+    if precision == "auto":
+        return "bf16" if torch.device(device).type == "cuda" else "fp32"
+    return precision
+
+
+def step_autocast(device: torch.device, precision: str = "auto") -> torch.autocast:
+    """The autocast of the training step's forward passes. The loss (computed in float32
+    from the logits), the center and the teacher's EMA stay float32 either way."""
+    bf16 = resolved_precision(precision, device) == "bf16"
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
+
+
 class DINOTrainer:
     """Trains DINO on a ``uint8`` image tensor; ``fit`` returns the student and teacher.
 
@@ -73,7 +92,7 @@ class DINOTrainer:
                  progress: bool = True, log: Callable[[str], None] = print,
                  log_path: str | Path | None = None,
                  on_epoch_end: Callable[[int, DINOModel], dict | None] | None = None,
-                 dist: DistInfo = SINGLE):
+                 dist: DistInfo = SINGLE, precision: str = "auto"):
         self.recipe = recipe.validate()
         self.vit_cfg = vit_cfg
         self.crop_cfg = crop_cfg
@@ -107,7 +126,8 @@ class DINOTrainer:
             self.optimizer = torch.optim.AdamW(param_groups(self.student), lr=0.0, fused=True)
         except RuntimeError:  # no fused kernel for this device in this torch
             self.optimizer = torch.optim.AdamW(param_groups(self.student), lr=0.0)
-        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cuda)
+        self.precision = precision
+        self.autocast = step_autocast(self.device, precision)
         student_fwd = self.student
         if dist.enabled:
             student_fwd = nn.parallel.DistributedDataParallel(
