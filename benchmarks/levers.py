@@ -252,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = [small_step_precision(device, a.rounds, Timer(device))]
     else:
         rows = measure(device, batch, a.depth, a.rounds, a.compile)
-    print(f"levers at batch {batch}, depth {a.depth}, CIFAR-10 shapes, seed recipe")
+    print("the small recipe's whole step at MNIST shapes, bf16 against fp32" if a.precision_only
+          else f"levers at batch {batch}, depth {a.depth}, CIFAR-10 shapes, seed recipe")
     print(table(rows, env))
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
