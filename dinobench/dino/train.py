@@ -126,7 +126,6 @@ class DINOTrainer:
             self.optimizer = torch.optim.AdamW(param_groups(self.student), lr=0.0, fused=True)
         except RuntimeError:  # no fused kernel for this device in this torch
             self.optimizer = torch.optim.AdamW(param_groups(self.student), lr=0.0)
-        self.precision = precision
         self.autocast = step_autocast(self.device, precision)
         student_fwd = self.student
         if dist.enabled:
