@@ -424,8 +424,9 @@ def index_markdown(root: str | Path) -> str:
         run = path.parent.relative_to(root).as_posix()
         data = load_results(path.parent)
         summary += [{**s, "run": run} for s in summarize(data["rows"])]
-        if provenance(data.get("meta")):
-            made.append(f"- [{run}]({run}/results.md): {provenance(data['meta'])}.")
+        line = provenance(data.get("meta"))
+        if line:
+            made.append(f"- [{run}]({run}/results.md): {line}.")
     sweeps = []
     for path in sorted(root.glob("**/sweep.json")):
         folder = path.parent.relative_to(root).as_posix()
