@@ -14,7 +14,7 @@ import sys
 from .bench import add_bench_parser, run_bench
 from .config import (
     AUTO_FIELDS,
-    CENTERINGS,
+    CHOICES,
     PROFILES,
     RECIPES,
     defaults_text,
@@ -48,10 +48,8 @@ def _recipe_flag_type(f: dataclasses.Field):
     if t == "bool":
         return {"action": argparse.BooleanOptionalAction}
     base = t.split(" |")[0]
-    if f.name == "head":
-        return {"choices": ["seed", "official"]}
-    if f.name == "centering":
-        return {"choices": list(CENTERINGS)}
+    if f.name in CHOICES:
+        return {"choices": list(CHOICES[f.name])}
     if f.name in AUTO_FIELDS:
         return {"type": float_or_auto, "metavar": "P|auto"}
     return {"type": {"int": int, "float": float, "str": str}[base], "metavar": base.upper()}

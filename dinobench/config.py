@@ -83,11 +83,18 @@ class Recipe:
     jitter_p: float = _f(0.8, "probability of colour jitter (3-channel data only)")
     jitter: tuple[float, float, float, float] = _f(
         (0.4, 0.4, 0.2, 0.1), "colour jitter strengths: brightness, contrast, saturation, hue")
+    jitter_order: str = _f("fixed", "order of the four colour-jitter operations: 'fixed' "
+                           "(brightness, contrast, saturation, hue) or 'random', drawn per "
+                           "image as torchvision's ColorJitter draws it per call")
     grey_p: float = _f(0.2, "probability of greyscale (3-channel data only)")
     blur_p: tuple[float, float, float] = _f((1.0, 0.1, 0.5), "blur probability: first global "
                                             "view, other global views, local views")
     blur_sigma: tuple[float, float] = _f((0.1, 2.0), "blur sigma range in pixels of a 224-px "
                                          "crop; scaled to the crop side")
+    antialias: bool = _f(False, "low-pass a crop that shrinks its source: each output pixel "
+                               "averages k x k bilinear samples over its footprint (k = the "
+                               "largest shrink factor, rounded up), as PIL's resize filters "
+                               "instead of aliasing; in practice the local crops")
     solarize_p: float | None = _f(0.2, "probability of solarisation, second global view only; "
                                   "'auto': 0.2 on photographs, 0 on digits (it turns white "
                                   "ink on black into black)")
@@ -122,13 +129,12 @@ class Recipe:
         need(self.drop_path < 1.0, f"--drop-path must lie in [0, 1), got {self.drop_path}")
         need(self.dim % self.heads == 0,
              f"--dim ({self.dim}) must be a multiple of --heads ({self.heads})")
-        need(self.head in ("seed", "official"),
-             f"--head must be 'seed' or 'official', got {self.head!r}")
         need(not (self.head_bn and self.head == "seed"),
              "--head-bn needs --head official: the seed head is one linear map, with no "
              "hidden layer to normalise")
-        need(self.centering in CENTERINGS,
-             f"--centering must be 'momentum' or 'sinkhorn', got {self.centering!r}")
+        for f, names in CHOICES.items():
+            v = getattr(self, f)
+            need(v in names, f"--{_flag(f)} must be one of {', '.join(names)}, got {v!r}")
         need(isinstance(self.sinkhorn_iterations, int) and self.sinkhorn_iterations >= 1,
              f"--sinkhorn-iterations must be an integer of at least 1, got "
              f"{self.sinkhorn_iterations!r}: Sinkhorn-Knopp needs one normalisation of each "
@@ -174,6 +180,24 @@ class Recipe:
 
 # How the teacher's targets are kept from collapsing onto one output (``Recipe.centering``).
 CENTERINGS = ("momentum", "sinkhorn")
+
+# The text fields of a recipe and the names each accepts (flags, sweep values, validate).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "head": ("seed", "official"),
+    "centering": CENTERINGS,
+    "jitter_order": ("fixed", "random"),
+}
+
+# Recipe fields added after checkpoints were first written, with the value a record
+# without them stands for: kept out of a resume identity while they hold it, so runs made
+# before the field existed still resume.
+LATER_FIELDS = {"jitter_order": "fixed", "antialias": False}
+
+
+def recipe_identity(recipe: Recipe) -> dict:
+    """The recipe as a resume identity: every field, less :data:`LATER_FIELDS` at theirs."""
+    return {k: v for k, v in dataclasses.asdict(recipe).items()
+            if not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
 
 
 # Fields that may be None: "auto", decided per dataset by Recipe.for_dataset.

@@ -24,7 +24,7 @@ import torch
 
 from . import __version__, checkpoint
 from . import distributed as distrib
-from .config import EVAL_FEATURES, PROFILES, Recipe, get_recipe
+from .config import EVAL_FEATURES, PROFILES, Recipe, get_recipe, recipe_identity
 from .data import COMPOSITES, SPECS, Dataset, DatasetSpec, known_datasets, load_dataset
 from .data.subsets import validation_count
 from .devices import default_device, resolve_device
@@ -171,7 +171,7 @@ def unit_identity(ds: Dataset, seed: int, opts: RunOptions, recipe: Recipe, cfg:
     identity = {"dataset": ds.name, "n_images": int(ds.pretrain_images.shape[0]),
                 "fingerprint": checkpoint.fingerprint(ds.pretrain_images), "seed": seed,
                 "world_size": info.world_size, "device": device.type,
-                "recipe": dataclasses.asdict(recipe),
+                "recipe": recipe_identity(recipe),
                 "vit": dataclasses.asdict(cfg),
                 # The records' validation k-NN must all come from one validation subset.
                 "val_size": opts.val_size}

@@ -127,9 +127,7 @@ def parse_values(f: dataclasses.Field, tokens: list[str]) -> list:
 
 def _choices(name: str) -> tuple[str, ...]:
     """The names a text field accepts (empty: any plain name; validate() judges it)."""
-    if name == "head":
-        return ("seed", "official")
-    return tuple(getattr(config, "CENTERINGS", ())) if name == "centering" else ()
+    return config.CHOICES.get(name, ())
 
 
 def format_value(v) -> str:

@@ -11,8 +11,14 @@ sampling grids side by side, so the source batch is never copied per crop. Local
 from a global crop (the seed's variant) compose the two affine maps and sample the source
 image once, which keeps them as sharp as crops cut from the image.
 
-Colour (3-channel data only): brightness, contrast, saturation and hue jitter in that fixed
-order (torchvision picks a random order), greyscale; then Gaussian blur, solarisation of the
+With ``antialias`` a crop that shrinks its source is sampled k times finer on each side and
+averaged over k x k blocks (a box filter over each output pixel's footprint), as PIL's
+resize low-passes before it subsamples; without it, bilinear sampling of a shrunk crop
+aliases. k comes from the recipe's largest crop, so it is a Python int and costs no sync.
+
+Colour (3-channel data only): brightness, contrast, saturation and hue jitter, in that fixed
+order or (``jitter_order="random"``) in an order drawn per image, as torchvision's
+``ColorJitter`` draws one per call; greyscale; then Gaussian blur, solarisation of the
 second global view, and per-channel normalisation. Blur widths are given for a 224-px crop
 (as in the DINO paper) and scaled to the crop side, so a 32-px crop is blurred as little,
 relative to its size, as a 224-px one.
@@ -47,6 +53,8 @@ class MultiCropConfig:
     flip_p: float = 0.5
     jitter_p: float = 0.8
     jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
+    jitter_order: str = "fixed"
+    antialias: bool = False
     grey_p: float = 0.2
     blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5)
     blur_sigma: tuple[float, float] = (0.1, 2.0)
@@ -66,6 +74,7 @@ class MultiCropConfig:
             n_local=recipe.n_local, global_scale=recipe.global_scale,
             local_scale=recipe.local_scale, local_from_global=recipe.local_from_global,
             flip_p=recipe.flip_p, jitter_p=recipe.jitter_p, jitter=recipe.jitter,
+            jitter_order=recipe.jitter_order, antialias=recipe.antialias,
             grey_p=recipe.grey_p, blur_p=recipe.blur_p, blur_sigma=recipe.blur_sigma,
             solarize_p=recipe.solarize_p,
         )
@@ -116,9 +125,28 @@ def boxes_to_affine(boxes: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
     return theta
 
 
-def resample(images: torch.Tensor, theta: torch.Tensor, size: int) -> torch.Tensor:
+def supersampling(source_side: int, size: int, scale: tuple[float, float],
+                  ratio: tuple[float, float]) -> int:
+    """k for :func:`resample`: the largest factor by which a crop of ``scale`` and
+    ``ratio`` (or the whole image, the fallback of :func:`sample_boxes`) can shrink a
+    ``source_side``-px image into ``size`` px, rounded up. A crop cut from a global view
+    is no wider than the same crop cut from the image, so the bound holds for it too."""
+    widest = min(1.0, math.sqrt(scale[1] * max(ratio[1], 1 / ratio[0])))
+    return max(1, math.ceil(source_side * widest / size - 1e-9))
+
+
+def resample(images: torch.Tensor, theta: torch.Tensor, size: int,
+             supersample: int = 1) -> torch.Tensor:
     """Sample ``n`` crops of every image: ``images (B, C, H, W)``, ``theta (n, B, 3, 3)``
-    -> ``(n, B, C, size, size)``. One ``grid_sample`` call for all n crops."""
+    -> ``(n, B, C, size, size)``. One ``grid_sample`` call for all n crops.
+
+    ``supersample`` k > 1 samples each crop at ``k * size`` and averages k x k blocks."""
+    if supersample > 1:
+        n, B, k = theta.shape[0], theta.shape[1], supersample
+        fine = resample(images, theta, k * size)  # (n, B, C, k S, k S)
+        C = fine.shape[2]
+        return F.avg_pool2d(fine.reshape(n * B, C, k * size, k * size), k).view(
+            n, B, C, size, size)
     n, B = theta.shape[:2]
     grid = F.affine_grid(theta[..., :2, :].reshape(n * B, 2, 3), [n * B, 1, size, size],
                          align_corners=False)  # (n*B, S, S, 2)
@@ -158,9 +186,10 @@ def shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 
 
 def colour_jitter(x: torch.Tensor, strength: tuple[float, float, float, float], p: float,
-                  gen: torch.Generator | None) -> torch.Tensor:
+                  gen: torch.Generator | None, random_order: bool = False) -> torch.Tensor:
     """Brightness, contrast, saturation, hue with per-sample factors; applied to each
-    sample with probability ``p`` (otherwise the factors are the identity)."""
+    sample with probability ``p`` (otherwise the factors are the identity). In that order,
+    or with ``random_order`` in a permutation drawn per sample."""
     N, dev = x.shape[0], x.device
     apply = _rand(gen, dev, N) < p
     u = _rand(gen, dev, 4, N)
@@ -170,15 +199,27 @@ def colour_jitter(x: torch.Tensor, strength: tuple[float, float, float, float], 
         f = lo + (1.0 + s - lo) * u[i]
         return torch.where(apply, f, torch.ones_like(f)).view(N, 1, 1, 1)
 
-    b, c, s = strength[0], strength[1], strength[2]
-    x = (x * factor(0, b)).clamp(0, 1)
-    mean = grey(x).mean(dim=(1, 2, 3), keepdim=True)
-    fc = factor(1, c)
-    x = (fc * x + (1 - fc) * mean).clamp(0, 1)
-    fs = factor(2, s)
-    x = (fs * x + (1 - fs) * grey(x)).clamp(0, 1)
+    fb, fc, fs = factor(0, strength[0]), factor(1, strength[1]), factor(2, strength[2])
     hue = torch.where(apply, (2 * u[3] - 1) * strength[3], torch.zeros_like(u[3]))
-    return shift_hue(x, hue)
+    ops = (
+        lambda y: (y * fb).clamp(0, 1),  # brightness
+        lambda y: (fc * y + (1 - fc) * grey(y).mean(dim=(1, 2, 3), keepdim=True)).clamp(0, 1),
+        lambda y: (fs * y + (1 - fs) * grey(y)).clamp(0, 1),  # saturation
+        lambda y: shift_hue(y, hue),
+    )
+    if not random_order:
+        for op in ops:
+            x = op(x)
+        return x
+    # perm[i, k]: the operation sample i gets k-th. Every operation runs on the whole
+    # batch at every position and each sample keeps its own: 4x the arithmetic of the
+    # fixed order, no data-dependent shapes.
+    perm = _rand(gen, dev, N, 4).argsort(dim=1)
+    for k in range(4):
+        x_in = x
+        for j, op in enumerate(ops):
+            x = torch.where((perm[:, k] == j).view(N, 1, 1, 1), op(x_in), x)
+    return x
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
@@ -229,7 +270,11 @@ class MultiCrop:
         g_box = sample_boxes(cfg.n_global * B, cfg.global_scale, cfg.ratio, gen, dev)
         g_flip = _rand(gen, dev, cfg.n_global * B) < cfg.flip_p
         g_theta = boxes_to_affine(g_box, g_flip).view(cfg.n_global, B, 3, 3)
-        crops = [self._finish(resample(src, g_theta, cfg.global_size), gen, is_global=True)]
+        side = max(images.shape[-2:])
+        k_global = supersampling(side, cfg.global_size, cfg.global_scale, cfg.ratio) \
+            if cfg.antialias else 1
+        crops = [self._finish(resample(src, g_theta, cfg.global_size, k_global), gen,
+                              is_global=True)]
 
         if cfg.n_local:
             l_box = sample_boxes(cfg.n_local * B, cfg.local_scale, cfg.ratio, gen, dev)
@@ -239,7 +284,9 @@ class MultiCrop:
                 # Local crop j is cut from global view j mod n_global (the seed pairs them).
                 parent = g_theta[torch.arange(cfg.n_local, device=dev) % cfg.n_global]
                 l_theta = parent @ l_theta
-            crops.append(self._finish(resample(src, l_theta, cfg.local_size), gen,
+            k_local = supersampling(side, cfg.local_size, cfg.local_scale, cfg.ratio) \
+                if cfg.antialias else 1
+            crops.append(self._finish(resample(src, l_theta, cfg.local_size, k_local), gen,
                                       is_global=False))
         return crops
 
@@ -251,7 +298,8 @@ class MultiCrop:
         x = x.reshape(n * B, C, S, S)
         N = n * B
         if C == 3:
-            x = colour_jitter(x, cfg.jitter, cfg.jitter_p, gen)
+            x = colour_jitter(x, cfg.jitter, cfg.jitter_p, gen,
+                              random_order=cfg.jitter_order == "random")
             to_grey = (_rand(gen, dev, N) < cfg.grey_p).view(N, 1, 1, 1)
             x = torch.where(to_grey, grey(x).expand_as(x), x)
 
