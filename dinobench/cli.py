@@ -22,7 +22,12 @@ from .config import (
 )
 from .errors import UserError
 from .sweep import add_sweep_parser, run_sweep
-from .sweep_cli import add_eval_feature_flag, add_precision_flag, count_or_fraction
+from .sweep_cli import (
+    add_data_flags,
+    add_eval_feature_flag,
+    add_precision_flag,
+    count_or_fraction,
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -151,20 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "mnist-<background>-<size>; needs mnist.npz, and cifar10.npz for "
                     "CIFAR-10 backgrounds, in --data-dir)")
     data = run.add_argument_group("data")
-    data.add_argument("--data-dir", default=None, metavar="DIR",
-                      help="folder holding <name>.npz files or torchvision's dataset folders "
-                      "(default: $DINOBENCH_DATA, else ~/.cache/dinobench)")
-    data.add_argument("--download", action="store_true",
-                      help="let torchvision download a dataset that is not in --data-dir")
-    data.add_argument("--train-subset", type=int, default=None, metavar="N",
-                      help="use a stratified random subset of N train images")
-    data.add_argument("--labels-per-class", type=int, default=None, metavar="N",
-                      help="labelled train images per class for probes and baselines")
-    data.add_argument("--test-subset", type=int, default=None, metavar="N",
-                      help="evaluate on a stratified random subset of N test images")
-    data.add_argument("--pretrain-subset", type=int, default=None, metavar="N",
-                      help="pre-train on a random subset of N images (STL-10: the seed "
-                      "used 50000 of the unlabelled split)")
+    add_data_flags(data)
     _add_recipe_flags(run)
 
     report = sub.add_parser("report", help="rebuild tables and figures from results.json",

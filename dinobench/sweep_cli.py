@@ -31,6 +31,24 @@ def add_precision_flag(parser) -> None:
                         "and every evaluation stay float32 (default: auto)")
 
 
+def add_data_flags(group) -> None:
+    """The data flags, the same for run and sweep."""
+    group.add_argument("--data-dir", default=None, metavar="DIR",
+                       help="folder holding <name>.npz files or torchvision's dataset "
+                       "folders (default: $DINOBENCH_DATA, else ~/.cache/dinobench)")
+    group.add_argument("--download", action="store_true",
+                       help="let torchvision download a dataset that is not in --data-dir")
+    group.add_argument("--train-subset", type=int, default=None, metavar="N",
+                       help="use a stratified random subset of N train images")
+    group.add_argument("--labels-per-class", type=int, default=None, metavar="N",
+                       help="labelled train images per class for probes and baselines")
+    group.add_argument("--test-subset", type=int, default=None, metavar="N",
+                       help="evaluate on a stratified random subset of N test images")
+    group.add_argument("--pretrain-subset", type=int, default=None, metavar="N",
+                       help="pre-train on a random subset of N images (STL-10: the seed "
+                       "used 50000 of the unlabelled split)")
+
+
 DESCRIPTION = """\
 Run a grid of recipe variants, each over the same seeds and budget, and tabulate them.
 
@@ -141,18 +159,6 @@ def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
                     help="probe features: CLS tokens of the last N blocks (default: 1)")
     add_eval_feature_flag(ev)
     data = p.add_argument_group("data (passed to every run)")
-    data.add_argument("--data-dir", default=None, metavar="DIR",
-                      help="folder holding the datasets (default: $DINOBENCH_DATA, else "
-                      "~/.cache/dinobench)")
-    data.add_argument("--download", action="store_true",
-                      help="let torchvision download a missing dataset")
-    data.add_argument("--train-subset", type=int, default=None, metavar="N",
-                      help="a stratified subset of N train images")
-    data.add_argument("--labels-per-class", type=int, default=None, metavar="N",
-                      help="labelled train images per class")
-    data.add_argument("--test-subset", type=int, default=None, metavar="N",
-                      help="a stratified subset of N test images")
-    data.add_argument("--pretrain-subset", type=int, default=None, metavar="N",
-                      help="pre-train on a random subset of N images")
+    add_data_flags(data)
     add_grid_flags(p)
     return p
