@@ -145,7 +145,8 @@ def test_loss_from_probs_is_dino_loss_given_its_targets():
 def test_recipe_and_cli_check_the_centering_fields(tmp_path, capsys):
     assert SEED.centering == OFFICIAL.centering == "momentum"
     assert SEED.sinkhorn_iterations == OFFICIAL.sinkhorn_iterations == 3
-    with pytest.raises(ConfigError, match="--centering must be 'momentum' or 'sinkhorn'"):
+    with pytest.raises(ConfigError,
+                       match="--centering must be one of momentum, sinkhorn, got 'swav'"):
         OFFICIAL.replace(centering="swav").validate()
     with pytest.raises(ConfigError, match="--sinkhorn-iterations must be an integer of at"):
         OFFICIAL.replace(sinkhorn_iterations=0).validate()
