@@ -48,6 +48,10 @@ class Recipe:
     freeze_last_layer_epochs: int = _f(1, "official head: its last layer is not updated "
                                           "during these first epochs")
     # --- sharpening and centering ---
+    koleo_weight: float = _f(0.0, "weight of the KoLeo regulariser on the student's CLS "
+                             "features of each global view (DINOv2: 0.1): it pushes every "
+                             "image away from its nearest neighbour in the batch, spreading "
+                             "the features a k-NN reads; 0: off")
     student_temp: float = _f(0.1, "student temperature tau_s")
     teacher_temp: float = _f(0.07, "teacher temperature tau_t after its warm-up")
     warmup_teacher_temp: float = _f(0.04, "tau_t at epoch 0, raised linearly")
@@ -95,6 +99,12 @@ class Recipe:
                                "averages k x k bilinear samples over its footprint (k = the "
                                "largest shrink factor, rounded up), as PIL's resize filters "
                                "instead of aliasing; in practice the local crops")
+    rotation: float = _f(0.0, "largest rotation of a crop, in degrees: each crop turns by "
+                         "an angle uniform in +-rotation about its centre (slant is a "
+                         "digit's style, not its class); 0: none")
+    stroke_p: float = _f(0.0, "probability that a crop's strokes change width: it moves a "
+                         "uniform fraction of the way to its 3x3 grey dilation or erosion "
+                         "(equally likely), so stroke width stops telling views apart")
     solarize_p: float | None = _f(0.2, "probability of solarisation, second global view only; "
                                   "'auto': 0.2 on photographs, 0 on digits (it turns white "
                                   "ink on black into black)")
@@ -145,7 +155,7 @@ class Recipe:
             v = getattr(self, f)
             need(math.isfinite(v) and v > 0, f"--{_flag(f)} must be positive, got {v}")
         for f in ("center_momentum", "teacher_momentum", "drop_path", "flip_p", "jitter_p",
-                  "grey_p", "solarize_p"):
+                  "grey_p", "solarize_p", "stroke_p"):
             v = getattr(self, f)
             if v is None and f in AUTO_FIELDS:
                 continue
@@ -154,7 +164,7 @@ class Recipe:
              f"--blur-p values must lie in [0, 1], got {self.blur_p}")
         for f in ("n_local", "warmup_epochs", "warmup_teacher_temp_epochs",
                   "freeze_last_layer_epochs", "min_lr", "weight_decay", "weight_decay_end",
-                  "clip_grad"):
+                  "clip_grad", "koleo_weight"):
             v = getattr(self, f)
             need(v >= 0, f"--{_flag(f)} must not be negative, got {v}")
         need(self.n_crops >= 2, "DINO needs at least two crops (--n-global + --n-local >= 2)")
@@ -162,6 +172,9 @@ class Recipe:
             lo, hi = getattr(self, f)
             need(0.0 < lo <= hi <= 1.0, f"--{_flag(f)} must satisfy 0 < low <= high <= 1, "
                  f"got {lo} {hi}")
+        need(math.isfinite(self.rotation) and 0.0 <= self.rotation <= 180.0,
+             f"--rotation is the largest angle in degrees and must lie in [0, 180], got "
+             f"{self.rotation}")
         need(0.0 < self.local_size_ratio <= 1.0,
              f"--local-size-ratio must lie in (0, 1], got {self.local_size_ratio}")
         need(0.0 < self.blur_sigma[0] <= self.blur_sigma[1],
@@ -171,10 +184,11 @@ class Recipe:
         for f in ("image_size", "grid"):
             v = getattr(self, f)
             need(v is None or v >= 1, f"--{_flag(f)} must be at least 1, got {v}")
-        need(all(math.isfinite(v) for v in (*self.blur_sigma, self.local_size_ratio,
-                                             *self.jitter, self.clip_grad, self.min_lr,
-                                             self.weight_decay, self.weight_decay_end)),
-             "recipe values must be finite numbers (no inf or nan)")
+        for f in ("blur_sigma", "local_size_ratio", "jitter", "clip_grad", "min_lr",
+                  "weight_decay", "weight_decay_end", "koleo_weight"):
+            v = getattr(self, f)
+            need(all(math.isfinite(x) for x in (v if isinstance(v, tuple) else (v,))),
+                 f"--{_flag(f)} must be a finite number (no inf or nan), got {v}")
         return self
 
 
@@ -191,7 +205,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
 # Recipe fields added after checkpoints were first written, with the value a record
 # without them stands for: kept out of a resume identity while they hold it, so runs made
 # before the field existed still resume.
-LATER_FIELDS = {"jitter_order": "fixed", "antialias": False}
+LATER_FIELDS = {"jitter_order": "fixed", "antialias": False, "rotation": 0.0,
+                "stroke_p": 0.0, "koleo_weight": 0.0}
 
 
 def recipe_identity(recipe: Recipe) -> dict:

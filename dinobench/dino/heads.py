@@ -91,13 +91,15 @@ def build_head(kind: str, in_dim: int, out_dim: int, hidden_dim: int = 2048,
 class DINOModel(nn.Module):
     """Backbone and head. Called with a list of crop batches (one tensor per crop size),
     it runs the backbone once per size and returns the logits of all crops concatenated
-    in the order given: ``(sum of batch sizes, K)``."""
+    in the order given: ``(sum of batch sizes, K)``; with ``return_features`` also the
+    backbone's CLS features they came from, ``(sum of batch sizes, D)``."""
 
     def __init__(self, backbone: ViT, head: nn.Module):
         super().__init__()
         self.backbone = backbone
         self.head = head
 
-    def forward(self, crops: list[torch.Tensor]) -> torch.Tensor:
+    def forward(self, crops: list[torch.Tensor], return_features: bool = False):
         features = torch.cat([self.backbone(c) for c in crops])
-        return self.head(features)
+        logits = self.head(features)
+        return (logits, features) if return_features else logits

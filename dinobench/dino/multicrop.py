@@ -16,6 +16,12 @@ averaged over k x k blocks (a box filter over each output pixel's footprint), as
 resize low-passes before it subsamples; without it, bilinear sampling of a shrunk crop
 aliases. k comes from the recipe's largest crop, so it is a Python int and costs no sync.
 
+Two options for digits, where colour jitter does nothing: ``rotation`` turns each crop's
+sampling grid by a random angle about its centre (folded into the crop's affine map, so
+it costs nothing), and ``stroke_p`` moves a crop part of the way to its grey dilation or
+erosion, changing the width of its strokes. Both leave the random draws of a recipe
+without them unchanged.
+
 Colour (3-channel data only): brightness, contrast, saturation and hue jitter, in that fixed
 order or (``jitter_order="random"``) in an order drawn per image, as torchvision's
 ``ColorJitter`` draws one per call; greyscale; then Gaussian blur, solarisation of the
@@ -55,6 +61,8 @@ class MultiCropConfig:
     jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
     jitter_order: str = "fixed"
     antialias: bool = False
+    rotation: float = 0.0  # degrees
+    stroke_p: float = 0.0
     grey_p: float = 0.2
     blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5)
     blur_sigma: tuple[float, float] = (0.1, 2.0)
@@ -75,6 +83,7 @@ class MultiCropConfig:
             local_scale=recipe.local_scale, local_from_global=recipe.local_from_global,
             flip_p=recipe.flip_p, jitter_p=recipe.jitter_p, jitter=recipe.jitter,
             jitter_order=recipe.jitter_order, antialias=recipe.antialias,
+            rotation=recipe.rotation, stroke_p=recipe.stroke_p,
             grey_p=recipe.grey_p, blur_p=recipe.blur_p, blur_sigma=recipe.blur_sigma,
             solarize_p=recipe.solarize_p,
         )
@@ -123,6 +132,37 @@ def boxes_to_affine(boxes: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
     theta[:, 1, 2] = 2 * top + h - 1
     theta[:, 2, 2] = 1
     return theta
+
+
+def rotations(angles: torch.Tensor) -> torch.Tensor:
+    """``(n,)`` angles in radians -> ``(n, 3, 3)`` rotations of ``grid_sample``'s
+    normalised coordinates about the origin, the centre of a crop. Applied before a crop's
+    box map (``box @ rotation``), the crop's content turns by -angle on screen
+    (counter-clockwise for a positive angle, with y pointing down)."""
+    c, s = angles.cos(), angles.sin()
+    z, o = torch.zeros_like(c), torch.ones_like(c)
+    return torch.stack([c, -s, z, s, c, z, z, z, o], dim=1).view(-1, 3, 3)
+
+
+def random_rotations(n: int, degrees: float, gen: torch.Generator | None,
+                     device) -> torch.Tensor:
+    """``(n, 3, 3)`` rotations by angles uniform in ``[-degrees, degrees]``."""
+    angles = (2 * _rand(gen, device, n) - 1) * math.radians(degrees)
+    return rotations(angles)
+
+
+def change_stroke(x: torch.Tensor, p: float, gen: torch.Generator | None) -> torch.Tensor:
+    """With probability ``p`` per image of ``x (N, C, H, W)``, move it a uniform fraction
+    of the way to its 3x3 grey dilation (the max over each pixel's neighbourhood: strokes
+    brighter than the background grow) or, equally likely, its erosion (the min: they
+    thin). A fraction below 1 changes a stroke's width by less than a pixel a side."""
+    N, dev = x.shape[0], x.device
+    u = _rand(gen, dev, 3, N)
+    amount = torch.where(u[0] < p, u[2], torch.zeros_like(u[2])).view(N, 1, 1, 1)
+    grown = F.max_pool2d(x, 3, stride=1, padding=1)
+    thinned = -F.max_pool2d(-x, 3, stride=1, padding=1)
+    target = torch.where((u[1] < 0.5).view(N, 1, 1, 1), grown, thinned)
+    return x + amount * (target - x)
 
 
 def supersampling(source_side: int, size: int, scale: tuple[float, float],
@@ -269,7 +309,10 @@ class MultiCrop:
         # Global views: (n_global, B, 3, 3) affine maps from crop to image.
         g_box = sample_boxes(cfg.n_global * B, cfg.global_scale, cfg.ratio, gen, dev)
         g_flip = _rand(gen, dev, cfg.n_global * B) < cfg.flip_p
-        g_theta = boxes_to_affine(g_box, g_flip).view(cfg.n_global, B, 3, 3)
+        g_theta = boxes_to_affine(g_box, g_flip)
+        if cfg.rotation:
+            g_theta = g_theta @ random_rotations(cfg.n_global * B, cfg.rotation, gen, dev)
+        g_theta = g_theta.view(cfg.n_global, B, 3, 3)
         side = max(images.shape[-2:])
         k_global = supersampling(side, cfg.global_size, cfg.global_scale, cfg.ratio) \
             if cfg.antialias else 1
@@ -279,7 +322,10 @@ class MultiCrop:
         if cfg.n_local:
             l_box = sample_boxes(cfg.n_local * B, cfg.local_scale, cfg.ratio, gen, dev)
             l_flip = _rand(gen, dev, cfg.n_local * B) < cfg.flip_p
-            l_theta = boxes_to_affine(l_box, l_flip).view(cfg.n_local, B, 3, 3)
+            l_theta = boxes_to_affine(l_box, l_flip)
+            if cfg.rotation:
+                l_theta = l_theta @ random_rotations(cfg.n_local * B, cfg.rotation, gen, dev)
+            l_theta = l_theta.view(cfg.n_local, B, 3, 3)
             if cfg.local_from_global:
                 # Local crop j is cut from global view j mod n_global (the seed pairs them).
                 parent = g_theta[torch.arange(cfg.n_local, device=dev) % cfg.n_global]
@@ -297,6 +343,8 @@ class MultiCrop:
         dev = x.device
         x = x.reshape(n * B, C, S, S)
         N = n * B
+        if cfg.stroke_p > 0:
+            x = change_stroke(x, cfg.stroke_p, gen)
         if C == 3:
             x = colour_jitter(x, cfg.jitter, cfg.jitter_p, gen,
                               random_order=cfg.jitter_order == "random")

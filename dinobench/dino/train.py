@@ -36,6 +36,7 @@ from .ema import ema_update_
 from .epoch_stats import EpochStats, epoch_line, step_diagnostics
 from .faults import collapse_reason
 from .heads import DINOModel
+from .koleo import koleo_loss
 from .loss import dino_loss, dino_loss_from_probs, teacher_probs
 from .model_setup import build_student_teacher, param_groups
 from .multicrop import MultiCrop, MultiCropConfig
@@ -211,7 +212,10 @@ class DINOTrainer:
         r = self.recipe
         with self.autocast:
             teacher_out = self.teacher_fwd(crops[:1])  # global views only
-            student_out = self.student_fwd(crops)
+            if r.koleo_weight:
+                student_out, features = self.student_fwd(crops, return_features=True)
+            else:
+                student_out = self.student_fwd(crops)
         if r.centering == "sinkhorn":  # all global views balanced together, as DINOv2
             targets = sinkhorn_knopp(teacher_out, teacher_temp, r.sinkhorn_iterations)
             loss = dino_loss_from_probs(student_out, targets, student_temp=r.student_temp,
@@ -221,8 +225,14 @@ class DINOTrainer:
                              student_temp=r.student_temp, teacher_temp=teacher_temp,
                              n_global=r.n_global)
             targets = teacher_probs(teacher_out, self.center, teacher_temp)
+        objective = loss
+        if r.koleo_weight:  # per global view, as DINOv2: two views of one image are close
+            # by design, so each view's neighbours are other images. The logged loss stays
+            # DINO's, comparable across recipes.
+            views = features[:crops[0].shape[0]].chunk(r.n_global)
+            objective = loss + r.koleo_weight * sum(koleo_loss(v) for v in views)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        objective.backward()
         return teacher_out, targets, loss
 
     # --- the loop --------------------------------------------------------------------

@@ -1,0 +1,153 @@
+"""The multi-crop's two options for digits: crops turned by a random angle (``rotation``)
+and strokes made wider or thinner (``stroke_p``).
+
+Rotation is checked against ``torch.rot90`` and against a round blob, which no rotation changes;
+the stroke change against a float64 maximum and minimum over each pixel's neighbourhood
+written out with loops."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dinobench.config import SMALL, ConfigError, recipe_identity
+from dinobench.dino.multicrop import (
+    MultiCrop,
+    MultiCropConfig,
+    change_stroke,
+    random_rotations,
+    resample,
+    rotations,
+)
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_quarter_turn_of_the_sampling_grid_is_rot90():
+    """A whole-image crop turned by +90 degrees lands every sample on a pixel centre: it
+    must equal torch.rot90 (counter-clockwise on screen), exactly up to float rounding."""
+    img = torch.rand(2, 3, 8, 8)
+    theta = rotations(torch.full((2,), math.pi / 2)).view(1, 2, 3, 3)
+    out = resample(img, theta, 8)[0]
+    torch.testing.assert_close(out, torch.rot90(img, 1, dims=(-2, -1)), atol=1e-5, rtol=0)
+    # and the other way round for -90 degrees
+    theta = rotations(torch.full((2,), -math.pi / 2)).view(1, 2, 3, 3)
+    torch.testing.assert_close(resample(img, theta, 8)[0], torch.rot90(img, -1, dims=(-2, -1)),
+                               atol=1e-5, rtol=0)
+
+
+def test_random_rotations_are_rotations_within_the_range():
+    R = random_rotations(4000, 20.0, gen(1), "cpu").double()
+    eye = torch.eye(2, dtype=torch.float64).expand(4000, 2, 2)
+    torch.testing.assert_close(R[:, :2, :2] @ R[:, :2, :2].transpose(1, 2), eye)
+    assert torch.equal(R[:, 2], torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64).expand(4000, 3))
+    assert torch.equal(R[:, :2, 2], torch.zeros(4000, 2, dtype=torch.float64))
+    angle = torch.rad2deg(torch.atan2(R[:, 1, 0], R[:, 0, 0]))
+    assert angle.abs().max() <= 20.0 + 1e-4
+    assert angle.min() < -19.0 and angle.max() > 19.0  # the whole range is drawn
+    assert abs(angle.mean()) < 1.0  # and symmetrically
+
+
+def _multicrop(**kw) -> MultiCrop:
+    cfg = dict(global_size=32, local_size=16, mean=(0.0,), std=(1.0,), n_global=2,
+               n_local=2, global_scale=(1.0, 1.0), local_scale=(1.0, 1.0), flip_p=0.0,
+               blur_p=(0.0, 0.0, 0.0), solarize_p=0.0)
+    cfg.update(kw)
+    return MultiCrop(MultiCropConfig(**cfg))
+
+
+def _blob(side=32, sigma=5.0):
+    """A centred Gaussian blob, smooth enough that bilinear resampling of it is nearly
+    exact: what a turn about the centre keeps."""
+    c = (side - 1) / 2
+    yy, xx = torch.meshgrid(torch.arange(side) - c, torch.arange(side) - c, indexing="ij")
+    ink = torch.exp(-(xx ** 2 + yy ** 2) / (2 * sigma ** 2))
+    return (255 * ink).round().to(torch.uint8).view(1, 1, side, side)
+
+
+def test_rotation_keeps_a_blob_and_turns_a_bar():
+    """Whole-image crops (scale 1): with rotation a centred blob comes back as it was,
+    while a horizontal bar does not."""
+    blob = _blob().expand(16, 1, 32, 32).contiguous()
+    plain = _multicrop()(blob, gen(0))[0]
+    turned = _multicrop(rotation=45.0)(blob, gen(0))[0]
+    assert (turned - plain).abs().max() < 0.03  # bilinear interpolation error only
+
+    bar = torch.zeros(16, 1, 32, 32, dtype=torch.uint8)
+    bar[:, :, 14:18, 2:30] = 255
+    plain = _multicrop()(bar, gen(0))[0]
+    turned = _multicrop(rotation=45.0)(bar, gen(0))[0]
+    moved = (turned - plain).abs().flatten(1).amax(1)
+    assert (moved > 0.5).float().mean() > 0.8  # nearly every crop turned visibly
+
+
+def _neighbourhood(x: torch.Tensor, reduce) -> torch.Tensor:
+    """float64 max or min over each pixel's 3x3 neighbourhood inside the image, by loops."""
+    N, C, H, W = x.shape
+    out = torch.empty_like(x, dtype=torch.float64)
+    for n in range(N):
+        for c in range(C):
+            for i in range(H):
+                for j in range(W):
+                    out[n, c, i, j] = reduce(x[n, c, max(0, i - 1):i + 2, max(0, j - 1):j + 2]
+                                             .double())
+    return out
+
+
+def test_change_stroke_against_float64_neighbourhoods():
+    N = 24
+    x = torch.rand(N, 1, 7, 7)
+    y = change_stroke(x, p=1.0, gen=gen(3))
+    u = torch.rand(3, N, generator=gen(3))  # the draws change_stroke makes: apply, grow, amount
+    grow = (u[1] < 0.5).view(N, 1, 1, 1)
+    target = torch.where(grow, _neighbourhood(x, torch.max), _neighbourhood(x, torch.min))
+    expected = x.double() + u[2].double().view(N, 1, 1, 1) * (target - x.double())
+    torch.testing.assert_close(y.double(), expected, atol=1e-6, rtol=0)
+    assert grow.any() and not grow.all()  # both directions were drawn
+
+
+def test_change_stroke_probability():
+    x = torch.rand(4000, 1, 4, 4)
+    assert torch.equal(change_stroke(x, 0.0, gen(0)), x)
+    changed = (change_stroke(x, 0.3, gen(0)) != x).flatten(1).any(1).float().mean()
+    assert abs(changed.item() - 0.3) < 0.03
+
+
+def test_stroke_option_in_the_multicrop_grows_or_thins_each_crop():
+    """Same geometry draws with and without the option (they come first), so each crop with
+    it lies between the crop without it and that crop's dilation, or its erosion."""
+    digit = torch.zeros(8, 1, 32, 32, dtype=torch.uint8)
+    digit[:, :, 6:26, 14:17] = 255  # a "1"
+    base = _multicrop()(digit, gen(5))
+    stroked = _multicrop(stroke_p=1.0)(digit, gen(5))
+    directions = []
+    for b, s in zip(base, stroked):
+        grown = torch.nn.functional.max_pool2d(b, 3, stride=1, padding=1)
+        thinned = -torch.nn.functional.max_pool2d(-b, 3, stride=1, padding=1)
+        up = ((s >= b - 1e-6) & (s <= grown + 1e-6)).flatten(1).all(1)
+        down = ((s <= b + 1e-6) & (s >= thinned - 1e-6)).flatten(1).all(1)
+        assert (up | down).all()
+        changed = (s - b).abs().flatten(1).amax(1) > 1e-3
+        assert changed.float().mean() > 0.7  # amount is uniform: a few change very little
+        directions.append((s.sum((1, 2, 3)) > b.sum((1, 2, 3))).float().mean())
+    assert 0.0 < sum(directions) / len(directions) < 1.0  # some grew, some thinned
+
+
+@pytest.mark.parametrize("field,value,words", [
+    ("rotation", -1.0, "--rotation"), ("rotation", 181.0, "[0, 180]"),
+    ("rotation", float("nan"), "--rotation"), ("stroke_p", 1.5, "--stroke-p"),
+])
+def test_bad_values_are_refused(field, value, words):
+    with pytest.raises(ConfigError, match=words.replace("[", r"\[").replace("]", r"\]")):
+        SMALL.replace(**{field: value}).validate()
+
+
+def test_resume_identity_leaves_them_out_only_at_their_defaults():
+    assert "rotation" not in recipe_identity(SMALL)
+    assert "stroke_p" not in recipe_identity(SMALL)
+    ident = recipe_identity(SMALL.replace(rotation=15.0, stroke_p=0.5))
+    assert ident["rotation"] == 15.0 and ident["stroke_p"] == 0.5
