@@ -145,8 +145,28 @@ def test_patch_foreground_half_rule():
     mask[0, 4:, 4:] = True  # bottom-right patch: all 16
     mask[0, :4, 4:] = torch.arange(16).view(4, 4) < 7  # top-right: 7 of 16 -> background
     assert patch_foreground(mask, 2).tolist() == [[[True, False], [False, True]]]
-    with pytest.raises(ValueError, match="does not tile"):
-        patch_foreground(mask, 3)
+
+
+def test_patch_foreground_grid_that_does_not_divide_the_side():
+    # 3 px split into 2 patches of 1.5 px: patch (0, 0) holds pixel (0, 0) whole, half of
+    # (0, 1) and of (1, 0), a quarter of (1, 1): area 2.25. Pixels (0, 0) and (0, 1)
+    # cover 1.5 of it (2/3: foreground); (0, 0) alone 1 (4/9: background).
+    mask = torch.zeros(1, 3, 3, dtype=torch.bool)
+    mask[0, 0, :2] = True
+    assert patch_foreground(mask, 2).tolist() == [[[True, False], [False, False]]]
+    mask[0, 0, 1] = False
+    assert not patch_foreground(mask, 2).any()
+
+
+@pytest.mark.parametrize("grid", [3, 5, 7])
+def test_patch_foreground_against_supersampled_masks(grid):
+    # Brute force: every pixel repeated grid x grid times tiles exactly into grid patches
+    # of H x W sub-pixels each, whose mean is the covered share.
+    masks = torch.rand(6, 32, 28, generator=torch.Generator().manual_seed(grid)) > 0.55
+    up = masks.repeat_interleave(grid, 1).repeat_interleave(grid, 2).double()
+    share = up.reshape(6, grid, 32, grid, 28).mean((2, 4))
+    assert torch.equal(patch_foreground(masks, grid), share >= 0.5)
+    assert torch.equal(patch_foreground(masks, grid, min_fraction=0.3), share >= 0.3)
 
 
 def brute_force_scores(attn: torch.Tensor, fg: torch.Tensor, keep: float):

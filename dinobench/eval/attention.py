@@ -92,19 +92,38 @@ def jaccard(a: torch.Tensor, b: torch.Tensor, dim: int | tuple[int, ...] | None 
     return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
 
 
+def _cover(size: int, grid: int) -> torch.Tensor:
+    """``(grid, size)`` float64: the share of patch ``g`` that pixel ``y`` covers, when
+    ``grid`` equal patches span ``size`` pixels (each pixel the interval [y, y + 1))."""
+    edges = torch.arange(grid + 1, dtype=torch.float64) * (size / grid)
+    pixels = torch.arange(size, dtype=torch.float64)
+    overlap = (torch.minimum(pixels + 1, edges[1:, None])
+               - torch.maximum(pixels, edges[:-1, None])).clamp(min=0)
+    return overlap / (size / grid)
+
+
 def patch_foreground(pixel_masks: torch.Tensor, grid: int, min_fraction: float = 0.5
                      ) -> torch.Tensor:
     """Pixel masks ``(N, H, W)`` bool -> patch masks ``(N, grid, grid)``: a patch is
-    foreground when at least ``min_fraction`` of its pixels are."""
+    foreground when at least ``min_fraction`` of its area is.
+
+    The patches split the image into ``grid`` equal parts per side whether or not the
+    grid divides the side (a model run at ``--image-size 20 --grid 5`` sees a 32-px
+    dataset resized, so its patches cover 6.4 of the masks' pixels): a pixel cut by a
+    patch border counts for the share of it inside."""
     if pixel_masks.ndim != 3:
         raise ValueError(f"pixel masks must be (N, H, W), got {tuple(pixel_masks.shape)}")
     n, h, w = pixel_masks.shape
-    if h % grid or w % grid:
-        raise ValueError(f"a {grid}x{grid} patch grid does not tile {h}x{w} masks; store "
-                         "masks at a side the grid divides (the dataset's image size)")
-    # (N, H, W) -> (N, grid, H/grid, grid, W/grid): the pixels of each patch.
-    frac = pixel_masks.float().reshape(n, grid, h // grid, grid, w // grid).mean((2, 4))
-    return frac >= min_fraction
+    if h % grid == 0 and w % grid == 0:
+        # (N, H, W) -> (N, grid, H/grid, grid, W/grid): the pixels of each patch.
+        frac = pixel_masks.float().reshape(n, grid, h // grid, grid, w // grid).mean((2, 4))
+        return frac >= min_fraction
+    rows, cols = _cover(h, grid), _cover(w, grid)
+    frac = torch.cat([torch.einsum("gh,nhw,kw->ngk", rows, m.to(torch.float64), cols)
+                      for m in pixel_masks.split(1024)] or [torch.zeros(0, grid, grid)])
+    # Shares are sums of float64 fractions: round off the last bits before the
+    # threshold, so a patch exactly half covered counts as it does on a dividing grid.
+    return frac.round(decimals=9) >= min_fraction
 
 
 @dataclass
