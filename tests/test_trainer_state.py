@@ -235,7 +235,7 @@ def test_precision_bf16_runs_the_forward_passes_in_bf16_and_keeps_the_state_floa
     assert out["fp32"][0].dtype == torch.float32 and out["bf16"][0].dtype == torch.bfloat16
     assert out["bf16"][1].dtype == out["bf16"][2].dtype == torch.float32  # loss in float32
     # Same weights and crops: bf16 rounding (8 bits of mantissa) moves the loss a little.
-    fp32, bf16 = float(out["fp32"][2]), float(out["bf16"][2])
+    fp32, bf16 = (out[p][2].detach().item() for p in ("fp32", "bf16"))
     assert fp32 != bf16 and abs(fp32 - bf16) < 0.02 * abs(fp32)
 
 
