@@ -113,16 +113,12 @@ def patch_foreground(pixel_masks: torch.Tensor, grid: int, min_fraction: float =
     patch border counts for the share of it inside."""
     if pixel_masks.ndim != 3:
         raise ValueError(f"pixel masks must be (N, H, W), got {tuple(pixel_masks.shape)}")
-    n, h, w = pixel_masks.shape
-    if h % grid == 0 and w % grid == 0:
-        # (N, H, W) -> (N, grid, H/grid, grid, W/grid): the pixels of each patch.
-        frac = pixel_masks.float().reshape(n, grid, h // grid, grid, w // grid).mean((2, 4))
-        return frac >= min_fraction
+    _, h, w = pixel_masks.shape
     rows, cols = _cover(h, grid), _cover(w, grid)
     frac = torch.cat([torch.einsum("gh,nhw,kw->ngk", rows, m.to(torch.float64), cols)
                       for m in pixel_masks.split(1024)] or [torch.zeros(0, grid, grid)])
     # Shares are sums of float64 fractions: round off the last bits before the
-    # threshold, so a patch exactly half covered counts as it does on a dividing grid.
+    # threshold, so a patch exactly half covered counts as half.
     return frac.round(decimals=9) >= min_fraction
 
 
