@@ -113,9 +113,7 @@ def build(o: BenchOptions) -> tuple[DINOTrainer, torch.Tensor, DatasetSpec, Mult
         changes["depth"] = o.depth
     recipe = (get_recipe(o.recipe).replace(**changes).for_dataset(shape.natural_images)
               .validate())
-    cfg = ViTConfig(image_size=shape.image_size, grid=shape.grid, in_chans=shape.channels,
-                    dim=recipe.dim, depth=recipe.depth, heads=recipe.heads,
-                    mlp_dim=recipe.mlp_dim, pos_embed_std=recipe.pos_embed_std)
+    cfg = ViTConfig.for_recipe(recipe, shape.image_size, shape.grid, shape.channels)
     crop = MultiCropConfig.from_recipe(recipe, cfg.image_size, cfg.patch_size, shape.mean,
                                        shape.std)
     trainer = DINOTrainer(recipe, cfg, crop, device=o.device, seed=o.seed, progress=False,

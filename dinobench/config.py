@@ -37,6 +37,10 @@ class Recipe:
     pos_embed_std: float = _f(0.02, "standard deviation of the initial positional embeddings; "
                                     "0.02 (ViT, DINO) leaves them 25x smaller than the patch "
                                     "embeddings")
+    stem: str = _f("patch", "how pixels become tokens: 'patch', one linear map per patch "
+                   "(ViT); 'conv', log2(patch) 3x3 stride-2 convolutions with layer norm "
+                   "and GELU, then a 1x1 to D (Xiao et al. 2021), so each token sees past "
+                   "its patch; needs a patch side that is a power of 2")
     # --- projection head ---
     head: str = _f("official", "'seed': one linear map to K; 'official': MLP 2048-2048-256, "
                    "L2 normalisation, weight-normalised linear to K")
@@ -200,13 +204,14 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "head": ("seed", "official"),
     "centering": CENTERINGS,
     "jitter_order": ("fixed", "random"),
+    "stem": ("patch", "conv"),
 }
 
 # Recipe fields added after checkpoints were first written, with the value a record
 # without them stands for: kept out of a resume identity while they hold it, so runs made
 # before the field existed still resume.
 LATER_FIELDS = {"jitter_order": "fixed", "antialias": False, "rotation": 0.0,
-                "stroke_p": 0.0, "koleo_weight": 0.0}
+                "stroke_p": 0.0, "koleo_weight": 0.0, "stem": "patch"}
 
 
 def recipe_identity(recipe: Recipe) -> dict:

@@ -132,10 +132,8 @@ def resolve_recipe(opts: RunOptions, dataset: str, dataset_epochs: int) -> Recip
 
 
 def vit_config(recipe: Recipe, spec: DatasetSpec) -> ViTConfig:
-    return ViTConfig(image_size=recipe.image_size or spec.image_size,
-                     grid=recipe.grid or spec.grid, in_chans=spec.channels,
-                     dim=recipe.dim, depth=recipe.depth, heads=recipe.heads,
-                     mlp_dim=recipe.mlp_dim, pos_embed_std=recipe.pos_embed_std)
+    return ViTConfig.for_recipe(recipe, recipe.image_size or spec.image_size,
+                                recipe.grid or spec.grid, spec.channels)
 
 
 def evaluation_config(opts: RunOptions) -> EvalConfig:
@@ -165,6 +163,15 @@ def eval_every(opts: RunOptions, dataset: str, epochs: int) -> int:
     return 1 if opts.profile_name(dataset) == "quick" else max(1, epochs // 20)
 
 
+def vit_identity(cfg: ViTConfig) -> dict:
+    """The backbone as a resume identity: the stem only where it is not the patch
+    embedding, so runs made before ``--stem`` existed still resume."""
+    vit = dataclasses.asdict(cfg)
+    if vit["stem"] == "patch":
+        del vit["stem"]
+    return vit
+
+
 def unit_identity(ds: Dataset, seed: int, opts: RunOptions, recipe: Recipe, cfg: ViTConfig,
                   info: distrib.DistInfo, device: torch.device) -> dict:
     """What a checkpoint must match to be resumed: the data, seed, recipe and model."""
@@ -172,7 +179,7 @@ def unit_identity(ds: Dataset, seed: int, opts: RunOptions, recipe: Recipe, cfg:
                 "fingerprint": checkpoint.fingerprint(ds.pretrain_images), "seed": seed,
                 "world_size": info.world_size, "device": device.type,
                 "recipe": recipe_identity(recipe),
-                "vit": dataclasses.asdict(cfg),
+                "vit": vit_identity(cfg),
                 # The records' validation k-NN must all come from one validation subset.
                 "val_size": opts.val_size}
     if opts.eval_feature != "cls":  # and one feature (absent: CLS, as before the option)

@@ -1,7 +1,8 @@
 """The seed's compact Vision Transformer (Dosovitskiy et al. 2020, arXiv:2010.11929).
 
 Pre-norm blocks, a CLS token and learnt positional embeddings on a fixed patch grid
-(``patch = image_size / grid``). Crops of another size keep the patch size and get
+(``patch = image_size / grid``), embedded by one linear map per patch or, with
+``stem="conv"``, by a few strided convolutions (:class:`ConvStem`). Crops of another size keep the patch size and get
 positional embeddings interpolated to their grid, as in DINO: bicubic, the values of
 ``F.interpolate(..., size=grid, mode="bicubic", align_corners=False)``, applied as one
 fixed matrix per pair of grids so that forward and backward are matmuls (the backward
@@ -20,6 +21,8 @@ from torch import nn
 
 from .errors import ConfigError
 
+STEMS = ("patch", "conv")
+
 
 @dataclass(frozen=True)
 class ViTConfig:
@@ -36,6 +39,9 @@ class ViTConfig:
     # embeddings (the convolution's default init), so at first the network sees a bag of
     # patches; on a 4x4 grid where a digit's shape is its layout, larger ones help.
     pos_embed_std: float = 0.02
+    # How pixels become tokens: "patch", one linear map per patch (a p x p convolution of
+    # stride p, as ViT); "conv", a stack of 3x3 stride-2 convolutions (see ConvStem).
+    stem: str = "patch"
 
     def __post_init__(self):
         if self.image_size < 1 or self.grid < 1:
@@ -49,6 +55,22 @@ class ViTConfig:
             raise ConfigError(f"--dim {self.dim} must be a multiple of --heads {self.heads}")
         if not self.pos_embed_std > 0:
             raise ConfigError(f"--pos-embed-std must be positive, got {self.pos_embed_std}")
+        if self.stem not in STEMS:
+            raise ConfigError(f"--stem must be one of {', '.join(STEMS)}, got {self.stem!r}")
+        p = self.image_size // self.grid
+        if self.stem == "conv" and (p < 2 or p & (p - 1)):
+            raise ConfigError(f"--stem conv halves the image once per convolution, so the "
+                              f"patch side (--image-size / --grid = {p}) must be a power of "
+                              "2 of at least 2; pick a grid that gives one, or --stem patch")
+
+    @classmethod
+    def for_recipe(cls, recipe, image_size: int, grid: int, in_chans: int) -> ViTConfig:
+        """The backbone a recipe describes (its dim, depth, heads, mlp_dim, pos_embed_std
+        and stem) on global crops of ``image_size`` px cut into ``grid`` x ``grid``
+        patches. Drop path is left at 0: only the student gets the recipe's."""
+        return cls(image_size=image_size, grid=grid, in_chans=in_chans, dim=recipe.dim,
+                   depth=recipe.depth, heads=recipe.heads, mlp_dim=recipe.mlp_dim,
+                   pos_embed_std=recipe.pos_embed_std, stem=recipe.stem)
 
     @property
     def patch_size(self) -> int:
@@ -181,6 +203,39 @@ class Block(nn.Module):
         return x, attn
 
 
+class ConvStem(nn.Module):
+    """Early convolutions in place of the patch embedding (Xiao et al. 2021, "Early
+    Convolutions Help Transformers See Better", arXiv:2106.14881): ``log2(p)`` 3x3
+    convolutions of stride 2, each followed by a norm and a non-linearity, then a 1x1
+    convolution to D. It gives the same ``H/p x W/p`` grid of tokens as the patch
+    embedding, but each token sees past its patch's borders and is a non-linear function
+    of its pixels rather than a linear one.
+
+    Channels double at each convolution and end at D/2. The norm is a layer norm over the
+    channels at each position, where the paper uses batch norm: the teacher runs in eval
+    mode and the k-NN reads one image at a time, so a token must not depend on the other
+    images of its batch; GELU follows it, as in the blocks."""
+
+    def __init__(self, in_chans: int, dim: int, patch: int):
+        super().__init__()
+        n = patch.bit_length() - 1  # stride-2 convolutions: patch = 2 ** n
+        widths = [max(8, dim >> (n - i)) for i in range(n)]  # ..., D/4, D/2
+        self.convs = nn.ModuleList()
+        self.norms = nn.ModuleList()
+        c = in_chans
+        for w in widths:
+            self.convs.append(nn.Conv2d(c, w, kernel_size=3, stride=2, padding=1, bias=False))
+            self.norms.append(nn.LayerNorm(w, eps=1e-6))
+            c = w
+        self.proj = nn.Conv2d(c, dim, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for conv, norm in zip(self.convs, self.norms):
+            x = conv(x)  # (B, C, H', W')
+            x = F.gelu(norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+        return self.proj(x)  # (B, D, H/p, W/p)
+
+
 class ViT(nn.Module):
     """Backbone: images ``(B, C, H, W)`` -> CLS feature after the final norm ``(B, D)``."""
 
@@ -188,7 +243,10 @@ class ViT(nn.Module):
         super().__init__()
         self.cfg = cfg
         p = cfg.patch_size
-        self.patch_embed = nn.Conv2d(cfg.in_chans, cfg.dim, kernel_size=p, stride=p)
+        if cfg.stem == "conv":
+            self.patch_embed = ConvStem(cfg.in_chans, cfg.dim, p)
+        else:
+            self.patch_embed = nn.Conv2d(cfg.in_chans, cfg.dim, kernel_size=p, stride=p)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.grid**2, cfg.dim))
         rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()

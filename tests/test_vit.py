@@ -143,6 +143,9 @@ def test_parameter_counts_match_the_seed(image_size, seed_count):
     (dict(image_size=96, grid=7), "--grid"),
     (dict(dim=30, heads=4), "--heads"),
     (dict(image_size=0, grid=1), "image size"),
+    (dict(image_size=24, grid=4, stem="conv"), "power of 2"),
+    (dict(image_size=16, grid=16, stem="conv"), "power of 2"),
+    (dict(stem="convolutional"), "--stem must be one of patch, conv"),
 ])
 def test_bad_vit_config_raises_config_error(kw, flag):
     """Inconsistent shapes are a ConfigError whose message names the flag to change."""
@@ -260,3 +263,93 @@ def test_positional_embeddings_start_at_the_asked_scale(std):
 def test_positional_embedding_scale_must_be_positive():
     with pytest.raises(ConfigError, match="pos-embed-std"):
         ViTConfig(pos_embed_std=0.0)
+
+
+# --- the convolutional stem ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("image_size,grid", [(16, 4), (32, 4), (32, 16)])
+def test_conv_stem_token_sees_its_patch_and_its_neighbours_pixels(image_size, grid):
+    """Each of the n = log2(p) 3x3 stride-2 convolutions (padding 1) widens the reach by
+    one pixel of its input on each side, so by hand: token i sees input pixels
+    p*i - (p - 1) .. p*i + (p - 1). Changing one pixel changes exactly the tokens whose
+    reach holds it (the norm is per position and mixes no positions); the patch
+    embedding, by contrast, changes only the pixel's own patch."""
+    p = image_size // grid
+    torch.manual_seed(0)
+    conv = small_vit(image_size=image_size, grid=grid, stem="conv").double()
+    patch = small_vit(image_size=image_size, grid=grid).double()
+    x = torch.randn(1, 3, image_size, image_size, dtype=torch.float64)
+    for py, px in ((0, 0), (p, p - 1), (image_size - 1, image_size // 2)):
+        y = x.clone()
+        y[0, :, py, px] += 1.0
+        # Token i reaches input pixels p*i + lo .. p*i + hi.
+        for vit, (lo, hi) in ((conv, (-(p - 1), p - 1)), (patch, (0, p - 1))):
+            with torch.no_grad():
+                moved = (vit.patch_embed(y) - vit.patch_embed(x)).abs().amax(1)[0] > 1e-9
+            start = p * torch.arange(grid)
+            sees_y = (start + lo <= py) & (py <= start + hi)
+            sees_x = (start + lo <= px) & (px <= start + hi)
+            assert torch.equal(moved, sees_y[:, None] & sees_x[None, :]), (vit.cfg.stem, py, px)
+
+
+def test_conv_stem_features_do_not_depend_on_the_batch():
+    """Layer norm, not batch norm: an image's CLS feature is the same alone or in a
+    batch, in training mode too (the k-NN reads features one image at a time)."""
+    torch.manual_seed(0)
+    vit = small_vit(stem="conv").train()
+    x = torch.randn(5, 3, 16, 16)
+    with torch.no_grad():
+        together = vit(x)
+        alone = torch.cat([vit(x[i:i + 1]) for i in range(5)])
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-6)
+
+
+def test_conv_stem_shapes_and_widths():
+    """Patch 8 takes three convolutions with D/8, D/4, D/2 channels, then a 1x1 to D; a
+    local crop of half the side gives a grid of half the side, as the patch embedding."""
+    vit = small_vit(image_size=32, grid=4, dim=64, stem="conv")
+    assert [c.out_channels for c in vit.patch_embed.convs] == [8, 16, 32]
+    assert vit.patch_embed.proj.out_channels == 64
+    assert vit.tokens(torch.randn(2, 3, 32, 32)).shape == (2, 1 + 16, 64)
+    assert vit.tokens(torch.randn(2, 3, 16, 16)).shape == (2, 1 + 4, 64)
+    assert vit.cls_attention(torch.randn(2, 3, 32, 32)).shape == (2, 4, 4, 4)
+
+
+def test_conv_stem_trains_and_decays_only_its_convolutions(tiny_recipe, tiny_vit_cfg):
+    """One DINO step through the conv stem, on global and local crops: every stem
+    parameter moves, and weight decay takes the convolutions' kernels (matrices) but not
+    their norms."""
+    from dinobench.dino.model_setup import param_groups
+    from dinobench.dino.multicrop import MultiCropConfig
+    from dinobench.dino.train import DINOTrainer
+
+    recipe = tiny_recipe.replace(stem="conv")
+    cfg = ViTConfig.for_recipe(recipe, 16, 4, 1)
+    assert cfg.stem == "conv" and dataclasses.replace(tiny_vit_cfg, stem="conv") == cfg
+    crop = MultiCropConfig.from_recipe(recipe, 16, 4, (0.5,), (0.25,))
+    trainer = DINOTrainer(recipe, cfg, crop, seed=0, progress=False, log=lambda m: None)
+    before = {n: p.detach().clone() for n, p in trainer.student.named_parameters()}
+    images = torch.randint(0, 256, (8, 1, 16, 16), dtype=torch.uint8)
+    out = trainer.step(images, torch.Generator().manual_seed(1), lr=1e-2, wd=0.04,
+                       momentum=0.9, teacher_temp=0.04, freeze_last_layer=False)
+    assert math.isfinite(out["loss"].item())
+    stem = {n: p for n, p in trainer.student.named_parameters()
+            if n.startswith("backbone.patch_embed.")}
+    assert len(stem) == 2 + 2 * 2 + 2  # two kernels, two norms (weight, bias), the 1x1
+    for name, p in stem.items():
+        assert not torch.equal(p, before[name]), name
+    decayed = {id(p) for g in param_groups(trainer.student) if g["decay"] for p in g["params"]}
+    assert {n for n, p in stem.items() if id(p) in decayed} == {
+        "backbone.patch_embed.convs.0.weight", "backbone.patch_embed.convs.1.weight",
+        "backbone.patch_embed.proj.weight"}
+
+
+def test_resume_identity_names_the_stem_only_when_it_is_not_the_patch():
+    """Checkpoints written before --stem existed record a ViT without it; they must still
+    match the patch embedding, and a conv-stem run must not match them."""
+    from dinobench.run import vit_identity
+
+    assert "stem" not in vit_identity(ViTConfig())
+    assert vit_identity(ViTConfig(stem="conv"))["stem"] == "conv"
+    assert set(vit_identity(ViTConfig())) | {"stem"} == set(ViTConfig.__dataclass_fields__)
