@@ -2,8 +2,9 @@
 
 Pre-norm blocks, a CLS token and learnt positional embeddings on a fixed patch grid
 (``patch = image_size / grid``), embedded by one linear map per patch or, with
-``stem="conv"``, by a few strided convolutions (:class:`ConvStem`). Crops of another size keep the patch size and get
-positional embeddings interpolated to their grid, as in DINO: bicubic, the values of
+``stem="conv"``, by a few strided convolutions (:class:`ConvStem`). Crops of another
+size keep the patch size and get positional embeddings interpolated to their grid, as
+in DINO: bicubic, the values of
 ``F.interpolate(..., size=grid, mode="bicubic", align_corners=False)``, applied as one
 fixed matrix per pair of grids so that forward and backward are matmuls (the backward
 of CUDA's bicubic interpolation has no deterministic kernel). Attention runs through
