@@ -404,6 +404,9 @@ def run(opts: RunOptions | None = None, log: Callable[[str], None] = print) -> l
     datasets = [load_dataset(name, **opts.data_kwargs()) for name in opts.datasets]
     check_data(opts, datasets)
     t0 = time.perf_counter()
+    # The commit whose code this process runs: read now, since a long run can end after
+    # the checkout has moved on.
+    commit = git_commit()
     rows, figures, recipes = [], {}, {}
     with folder if info.is_main else contextlib.nullcontext(), StopOnSignal() as stop:
         if info.is_main:
@@ -427,7 +430,7 @@ def run(opts: RunOptions | None = None, log: Callable[[str], None] = print) -> l
         meta = {
             "command": opts.command or shlex.join(["dinobench", *sys.argv[1:]]),
             "datasets": list(opts.datasets),
-            "recipes": recipes, "seeds": list(opts.seeds), "git_commit": git_commit(),
+            "recipes": recipes, "seeds": list(opts.seeds), "git_commit": commit,
             "versions": {"dinobench": __version__, "python": platform.python_version(),
                          "torch": torch.__version__},
             "machine": machine(), "threads": torch.get_num_threads(),

@@ -53,3 +53,25 @@ def test_index_opens_with_findings_lists_runs_and_links_sweeps(tmp_path):
 def test_index_of_an_empty_folder_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="dinobench run"):
         write_index(tmp_path)
+
+
+def test_a_run_records_the_commit_it_started_from(monkeypatch, tmp_path):
+    """A long run can end after the checkout has moved on; its results name the commit
+    read when it started, not the one at its end."""
+    import importlib
+
+    from dinobench.run import RunOptions, run
+    run_module = importlib.import_module("dinobench.run")  # the module, not the function
+
+    # The checkout "moves" once the run has begun: at its first line of progress.
+    moved = []
+    monkeypatch.setattr(run_module, "git_commit",
+                        lambda: "checked-out-later" if moved else "started-here")
+    opts = RunOptions(datasets=["digits"], seeds=[0], out=tmp_path / "r", progress=False,
+                      probe=False, eval_every=0, attention_images=2,
+                      overrides=dict(depth=1, dim=32, heads=2, mlp_dim=64, batch_size=128,
+                                     n_local=2, epochs=1))
+    run(opts, log=lambda s: moved.append(s))
+    assert moved
+    meta = json.loads((tmp_path / "r" / "results.json").read_text())["meta"]
+    assert meta["git_commit"] == "started-here"
