@@ -199,12 +199,15 @@ class Recipe:
 # How the teacher's targets are kept from collapsing onto one output (``Recipe.centering``).
 CENTERINGS = ("momentum", "sinkhorn")
 
+# How pixels become tokens (``Recipe.stem``; the ViT builds each, see ``vit.py``).
+STEMS = ("patch", "conv")
+
 # The text fields of a recipe and the names each accepts (flags, sweep values, validate).
 CHOICES: dict[str, tuple[str, ...]] = {
     "head": ("seed", "official"),
     "centering": CENTERINGS,
     "jitter_order": ("fixed", "random"),
-    "stem": ("patch", "conv"),
+    "stem": STEMS,
 }
 
 # Recipe fields added after checkpoints were first written, with the value a record

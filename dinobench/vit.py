@@ -4,10 +4,10 @@ Pre-norm blocks, a CLS token and learnt positional embeddings on a fixed patch g
 (``patch = image_size / grid``), embedded by one linear map per patch or, with
 ``stem="conv"``, by a few strided convolutions (:class:`ConvStem`). Crops of another
 size keep the patch size and get positional embeddings interpolated to their grid, as
-in DINO: bicubic, the values of
-``F.interpolate(..., size=grid, mode="bicubic", align_corners=False)``, applied as one
-fixed matrix per pair of grids so that forward and backward are matmuls (the backward
-of CUDA's bicubic interpolation has no deterministic kernel). Attention runs through
+in DINO: bicubic, the values of ``F.interpolate(..., size=grid, mode="bicubic",
+align_corners=False)``, applied as one fixed matrix per pair of grids so that forward
+and backward are matmuls (the backward of CUDA's bicubic interpolation has no
+deterministic kernel). Attention runs through
 ``F.scaled_dot_product_attention`` (fused kernels) for training; the explicit path,
 used only to read attention maps, computes the same thing and returns the weights.
 """
@@ -20,9 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import STEMS
 from .errors import ConfigError
-
-STEMS = ("patch", "conv")
 
 
 @dataclass(frozen=True)
