@@ -106,6 +106,10 @@ class Recipe:
     rotation: float = _f(0.0, "largest rotation of a crop, in degrees: each crop turns by "
                          "an angle uniform in +-rotation about its centre (slant is a "
                          "digit's style, not its class); 0: none")
+    elastic: float = _f(0.0, "largest displacement of a crop's elastic distortion, as a "
+                        "fraction of its side: a smooth random field (uniform draws at 5 x 5 "
+                        "control points, interpolated bilinearly) moves every sample point, "
+                        "bending strokes as handwriting does (Simard et al. 2003); 0: none")
     stroke_p: float = _f(0.0, "probability that a crop's strokes change width: it moves a "
                          "uniform fraction of the way to its 3x3 grey dilation or erosion "
                          "(equally likely), so stroke width stops telling views apart")
@@ -179,6 +183,9 @@ class Recipe:
         need(math.isfinite(self.rotation) and 0.0 <= self.rotation <= 180.0,
              f"--rotation is the largest angle in degrees and must lie in [0, 180], got "
              f"{self.rotation}")
+        need(math.isfinite(self.elastic) and 0.0 <= self.elastic <= 0.5,
+             f"--elastic is a fraction of a crop's side and must lie in [0, 0.5], got "
+             f"{self.elastic}")
         need(0.0 < self.local_size_ratio <= 1.0,
              f"--local-size-ratio must lie in (0, 1], got {self.local_size_ratio}")
         need(0.0 < self.blur_sigma[0] <= self.blur_sigma[1],
@@ -214,7 +221,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 # without them stands for: kept out of a resume identity while they hold it, so runs made
 # before the field existed still resume.
 LATER_FIELDS = {"jitter_order": "fixed", "antialias": False, "rotation": 0.0,
-                "stroke_p": 0.0, "koleo_weight": 0.0, "stem": "patch"}
+                "stroke_p": 0.0, "koleo_weight": 0.0, "stem": "patch", "elastic": 0.0}
 
 
 def recipe_identity(recipe: Recipe) -> dict:

@@ -1,9 +1,12 @@
-"""The multi-crop's two options for digits: crops turned by a random angle (``rotation``)
-and strokes made wider or thinner (``stroke_p``).
+"""The multi-crop's three options for digits: crops turned by a random angle
+(``rotation``), bent by a smooth random displacement field (``elastic``), and strokes made
+wider or thinner (``stroke_p``).
 
 Rotation is checked against ``torch.rot90`` and against a round blob, which no rotation changes;
-the stroke change against a float64 maximum and minimum over each pixel's neighbourhood
-written out with loops."""
+the elastic field against a translated crop (a constant field) and against bilinear
+interpolation of its control points written out in float64 on a ramp image; the stroke
+change against a float64 maximum and minimum over each pixel's neighbourhood written out
+with loops."""
 
 from __future__ import annotations
 
@@ -14,9 +17,12 @@ import torch
 
 from dinobench.config import SMALL, ConfigError, recipe_identity
 from dinobench.dino.multicrop import (
+    ELASTIC_CONTROL_POINTS,
     MultiCrop,
     MultiCropConfig,
+    boxes_to_affine,
     change_stroke,
+    random_displacements,
     random_rotations,
     resample,
     rotations,
@@ -85,6 +91,91 @@ def test_rotation_keeps_a_blob_and_turns_a_bar():
     assert (moved > 0.5).float().mean() > 0.8  # nearly every crop turned visibly
 
 
+def _translation(dx: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """``(n, 3, 3)`` maps p -> p + (dx, dy) of normalised crop coordinates."""
+    T = torch.eye(3).repeat(dx.shape[0], 1, 1)
+    T[:, 0, 2], T[:, 1, 2] = dx, dy
+    return T
+
+
+def test_a_constant_displacement_field_is_a_translated_crop():
+    """Every control point moved by the same (dx, dy) moves every sample point by it, in
+    the crop's own coordinates: the crop must equal the one whose affine map is preceded
+    by that translation, for any box, flip and turn."""
+    n, B = 2, 5
+    img = torch.rand(B, 3, 20, 20, generator=gen(0))
+    boxes = torch.tensor([[0.6, 0.5, 0.1, 0.3], [0.9, 0.8, 0.05, 0.1], [0.5, 0.5, 0.2, 0.2],
+                          [0.7, 0.9, 0.3, 0.0], [1.0, 1.0, 0.0, 0.0]] * n)
+    flip = torch.tensor([True, False, False, True, False] * n)
+    theta = boxes_to_affine(boxes, flip) @ rotations(torch.linspace(-0.5, 0.5, n * B))
+    d = (torch.rand(n * B, 2, generator=gen(1)) - 0.5) * 0.4
+    field = d.view(n * B, 2, 1, 1).expand(n * B, 2, ELASTIC_CONTROL_POINTS,
+                                          ELASTIC_CONTROL_POINTS)
+    bent = resample(img, theta.view(n, B, 3, 3), 12, displacement=field.reshape(
+        n, B, 2, ELASTIC_CONTROL_POINTS, ELASTIC_CONTROL_POINTS))
+    moved = resample(img, (theta @ _translation(d[:, 0], d[:, 1])).view(n, B, 3, 3), 12)
+    torch.testing.assert_close(bent, moved, atol=1e-5, rtol=0)
+    assert (bent - resample(img, theta.view(n, B, 3, 3), 12)).abs().max() > 0.1
+
+
+def _bilinear_by_hand(control: torch.Tensor, size: int) -> torch.Tensor:
+    """float64 bilinear interpolation of a ``(c, c)`` grid to ``(size, size)``, the corner
+    points on the corner pixels, by loops."""
+    c = control.shape[0]
+    out = torch.empty(size, size, dtype=torch.float64)
+    for i in range(size):
+        for j in range(size):
+            y, x = i * (c - 1) / (size - 1), j * (c - 1) / (size - 1)
+            y0, x0 = min(int(y), c - 2), min(int(x), c - 2)
+            fy, fx = y - y0, x - x0
+            q = control.double()
+            out[i, j] = ((1 - fy) * (1 - fx) * q[y0, x0] + (1 - fy) * fx * q[y0, x0 + 1]
+                         + fy * (1 - fx) * q[y0 + 1, x0] + fy * fx * q[y0 + 1, x0 + 1])
+    return out
+
+
+def test_displacement_on_a_ramp_is_the_interpolated_field():
+    """On an image whose value is its column (a ramp), a whole-image crop samples its own
+    x position: with the field on, each output pixel reads its column plus the field's x
+    displacement in pixels (half the side per normalised unit). Pixels whose displaced
+    sample stays inside the image are compared with a hand-written float64 bilinear
+    interpolation of the control points; the y field leaves a ramp in x alone."""
+    S = 16
+    ramp = torch.arange(S, dtype=torch.float32).expand(1, 1, S, S).contiguous()
+    theta = torch.eye(3).view(1, 1, 3, 3)
+    field = random_displacements(1, 0.05, gen(2), "cpu").view(1, 1, 2, ELASTIC_CONTROL_POINTS,
+                                                               ELASTIC_CONTROL_POINTS)
+    out = resample(ramp, theta, S, displacement=field)[0, 0, 0].double()
+    expected = torch.arange(S, dtype=torch.float64) + _bilinear_by_hand(field[0, 0, 0], S) * S / 2
+    inside = (expected >= 0) & (expected <= S - 1)
+    assert inside.float().mean() > 0.8
+    torch.testing.assert_close(out[inside], expected[inside], atol=1e-4, rtol=0)
+
+
+def test_random_displacements_fill_their_range():
+    d = random_displacements(2000, 0.1, gen(3), "cpu")
+    assert d.shape == (2000, 2, ELASTIC_CONTROL_POINTS, ELASTIC_CONTROL_POINTS)
+    assert d.abs().max() <= 0.2  # 0.1 of a side spanning 2 normalised units
+    assert d.min() < -0.19 and d.max() > 0.19 and abs(d.mean()) < 0.005
+
+
+def test_elastic_option_bends_a_bar_and_keeps_a_flat_image():
+    """Whole-image crops: with the option a bar moves in every crop, a flat image (which
+    no displacement changes) stays as it was, and the draws before it are unchanged (the
+    crops without it are the same with elastic 0)."""
+    bar = torch.zeros(16, 1, 32, 32, dtype=torch.uint8)
+    bar[:, :, 14:18, 2:30] = 255
+    plain = _multicrop()(bar, gen(0))
+    assert all(torch.equal(a, b) for a, b in zip(plain, _multicrop(elastic=0.0)(bar, gen(0))))
+    bent = _multicrop(elastic=0.1)(bar, gen(0))
+    for p, b in zip(plain, bent):
+        assert ((b - p).abs().flatten(1).amax(1) > 0.3).all()
+    flat = torch.full((4, 1, 32, 32), 77, dtype=torch.uint8)
+    bent = _multicrop(elastic=0.1, antialias=True)(flat, gen(0))
+    for p, b in zip(_multicrop()(flat, gen(0)), bent):
+        torch.testing.assert_close(b, p, atol=1e-6, rtol=0)
+
+
 def _neighbourhood(x: torch.Tensor, reduce) -> torch.Tensor:
     """float64 max or min over each pixel's 3x3 neighbourhood inside the image, by loops."""
     N, C, H, W = x.shape
@@ -140,6 +231,8 @@ def test_stroke_option_in_the_multicrop_grows_or_thins_each_crop():
 @pytest.mark.parametrize("field,value,words", [
     ("rotation", -1.0, "--rotation"), ("rotation", 181.0, "[0, 180]"),
     ("rotation", float("nan"), "--rotation"), ("stroke_p", 1.5, "--stroke-p"),
+    ("elastic", -0.1, "--elastic"), ("elastic", 0.6, "[0, 0.5]"),
+    ("elastic", float("inf"), "--elastic"),
 ])
 def test_bad_values_are_refused(field, value, words):
     with pytest.raises(ConfigError, match=words.replace("[", r"\[").replace("]", r"\]")):
@@ -149,5 +242,6 @@ def test_bad_values_are_refused(field, value, words):
 def test_resume_identity_leaves_them_out_only_at_their_defaults():
     assert "rotation" not in recipe_identity(SMALL)
     assert "stroke_p" not in recipe_identity(SMALL)
-    ident = recipe_identity(SMALL.replace(rotation=15.0, stroke_p=0.5))
-    assert ident["rotation"] == 15.0 and ident["stroke_p"] == 0.5
+    assert "elastic" not in recipe_identity(SMALL)
+    ident = recipe_identity(SMALL.replace(rotation=15.0, stroke_p=0.5, elastic=0.05))
+    assert ident["rotation"] == 15.0 and ident["stroke_p"] == 0.5 and ident["elastic"] == 0.05

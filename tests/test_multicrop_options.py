@@ -155,6 +155,7 @@ def test_resume_identity_leaves_out_the_new_fields_at_their_defaults():
     assert "antialias" not in recipe_identity(SMALL)
     assert recipe_identity(SMALL.replace(antialias=True))["antialias"] is True
     assert recipe_identity(SMALL.replace(jitter_order="random"))["jitter_order"] == "random"
-    later = ["jitter_order", "antialias", "rotation", "stroke_p", "koleo_weight", "stem"]
+    later = ["jitter_order", "antialias", "rotation", "stroke_p", "koleo_weight", "stem",
+             "elastic"]
     full = set(itertools.chain(recipe_identity(SMALL), later))
     assert full == set(SMALL.__dataclass_fields__)

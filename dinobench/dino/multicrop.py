@@ -16,11 +16,12 @@ averaged over k x k blocks (a box filter over each output pixel's footprint), as
 resize low-passes before it subsamples; without it, bilinear sampling of a shrunk crop
 aliases. k comes from the recipe's largest crop, so it is a Python int and costs no sync.
 
-Two options for digits, where colour jitter does nothing: ``rotation`` turns each crop's
+Three options for digits, where colour jitter does nothing: ``rotation`` turns each crop's
 sampling grid by a random angle about its centre (folded into the crop's affine map, so
-it costs nothing), and ``stroke_p`` moves a crop part of the way to its grey dilation or
-erosion, changing the width of its strokes. Both leave the random draws of a recipe
-without them unchanged.
+it costs nothing); ``elastic`` bends the sampling grid by a smooth random displacement
+field, as handwriting varies a digit's strokes (Simard et al. 2003); and ``stroke_p``
+moves a crop part of the way to its grey dilation or erosion, changing the width of its
+strokes. Each leaves the random draws of a recipe without it unchanged.
 
 Colour (3-channel data only): brightness, contrast, saturation and hue jitter, in that fixed
 order or (``jitter_order="random"``) in an order drawn per image, as torchvision's
@@ -62,6 +63,7 @@ class MultiCropConfig:
     jitter_order: str = "fixed"
     antialias: bool = False
     rotation: float = 0.0  # degrees
+    elastic: float = 0.0  # largest displacement, as a fraction of the crop's side
     stroke_p: float = 0.0
     grey_p: float = 0.2
     blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5)
@@ -83,7 +85,7 @@ class MultiCropConfig:
             local_scale=recipe.local_scale, local_from_global=recipe.local_from_global,
             flip_p=recipe.flip_p, jitter_p=recipe.jitter_p, jitter=recipe.jitter,
             jitter_order=recipe.jitter_order, antialias=recipe.antialias,
-            rotation=recipe.rotation, stroke_p=recipe.stroke_p,
+            rotation=recipe.rotation, elastic=recipe.elastic, stroke_p=recipe.stroke_p,
             grey_p=recipe.grey_p, blur_p=recipe.blur_p, blur_sigma=recipe.blur_sigma,
             solarize_p=recipe.solarize_p,
         )
@@ -151,6 +153,29 @@ def random_rotations(n: int, degrees: float, gen: torch.Generator | None,
     return rotations(angles)
 
 
+# Control points per side of an elastic displacement field: neighbouring points are a
+# quarter of the crop apart, about the length over which a pen stroke bends.
+ELASTIC_CONTROL_POINTS = 5
+
+
+def random_displacements(n: int, strength: float, gen: torch.Generator | None,
+                         device) -> torch.Tensor:
+    """``(n, 2, c, c)`` elastic displacement fields at ``c`` =
+    :data:`ELASTIC_CONTROL_POINTS` control points per side, x then y, each uniform in
+    ``+-strength`` of a crop's side. In ``grid_sample``'s normalised units a side spans 2,
+    so the draws are scaled by 2."""
+    c = ELASTIC_CONTROL_POINTS
+    return (2 * _rand(gen, device, n, 2, c, c) - 1) * (2 * strength)
+
+
+def displacement_grid(control: torch.Tensor, size: int) -> torch.Tensor:
+    """``(N, 2, c, c)`` control displacements -> ``(N, size, size, 2)`` at each output
+    pixel, interpolated bilinearly with the corner control points on the corner pixels,
+    so no displacement is larger than the largest control point's."""
+    return F.interpolate(control, size=(size, size), mode="bilinear",
+                         align_corners=True).permute(0, 2, 3, 1)
+
+
 def change_stroke(x: torch.Tensor, p: float, gen: torch.Generator | None) -> torch.Tensor:
     """With probability ``p`` per image of ``x (N, C, H, W)``, move it a uniform fraction
     of the way to its 3x3 grey dilation (the max over each pixel's neighbourhood: strokes
@@ -176,20 +201,33 @@ def supersampling(source_side: int, size: int, scale: tuple[float, float],
 
 
 def resample(images: torch.Tensor, theta: torch.Tensor, size: int,
-             supersample: int = 1) -> torch.Tensor:
+             supersample: int = 1, displacement: torch.Tensor | None = None) -> torch.Tensor:
     """Sample ``n`` crops of every image: ``images (B, C, H, W)``, ``theta (n, B, 3, 3)``
     -> ``(n, B, C, size, size)``. One ``grid_sample`` call for all n crops.
 
-    ``supersample`` k > 1 samples each crop at ``k * size`` and averages k x k blocks."""
+    ``supersample`` k > 1 samples each crop at ``k * size`` and averages k x k blocks.
+    ``displacement (n, B, 2, c, c)`` (:func:`random_displacements`) moves each sample
+    point in the crop's own normalised coordinates before its affine map: the crop
+    bends, whatever its box, flip or turn."""
     if supersample > 1:
         n, B, k = theta.shape[0], theta.shape[1], supersample
-        fine = resample(images, theta, k * size)  # (n, B, C, k S, k S)
+        fine = resample(images, theta, k * size,
+                        displacement=displacement)  # (n, B, C, k S, k S)
         C = fine.shape[2]
         return F.avg_pool2d(fine.reshape(n * B, C, k * size, k * size), k).view(
             n, B, C, size, size)
     n, B = theta.shape[:2]
-    grid = F.affine_grid(theta[..., :2, :].reshape(n * B, 2, 3), [n * B, 1, size, size],
-                         align_corners=False)  # (n*B, S, S, 2)
+    affine = theta[..., :2, :].reshape(n * B, 2, 3)
+    if displacement is None:
+        grid = F.affine_grid(affine, [n * B, 1, size, size],
+                             align_corners=False)  # (n*B, S, S, 2)
+    else:
+        eye = torch.eye(2, 3, device=theta.device, dtype=theta.dtype).expand(n * B, 2, 3)
+        points = F.affine_grid(eye, [n * B, 1, size, size], align_corners=False)
+        points = points + displacement_grid(displacement.reshape(n * B, *displacement.shape[2:]),
+                                            size)
+        grid = points @ affine[:, :, :2].transpose(1, 2).unsqueeze(1) + \
+            affine[:, :, 2].view(n * B, 1, 1, 2)
     # Lay the n grids of an image side by side: (B, S, n*S, 2).
     grid = grid.view(n, B, size, size, 2).permute(1, 2, 0, 3, 4).reshape(B, size, n * size, 2)
     out = F.grid_sample(images, grid, mode="bilinear", padding_mode="border",
@@ -313,11 +351,12 @@ class MultiCrop:
         if cfg.rotation:
             g_theta = g_theta @ random_rotations(cfg.n_global * B, cfg.rotation, gen, dev)
         g_theta = g_theta.view(cfg.n_global, B, 3, 3)
+        g_disp = self._displacements(cfg.n_global, B, gen, dev)
         side = max(images.shape[-2:])
         k_global = supersampling(side, cfg.global_size, cfg.global_scale, cfg.ratio) \
             if cfg.antialias else 1
-        crops = [self._finish(resample(src, g_theta, cfg.global_size, k_global), gen,
-                              is_global=True)]
+        crops = [self._finish(resample(src, g_theta, cfg.global_size, k_global, g_disp),
+                              gen, is_global=True)]
 
         if cfg.n_local:
             l_box = sample_boxes(cfg.n_local * B, cfg.local_scale, cfg.ratio, gen, dev)
@@ -330,11 +369,20 @@ class MultiCrop:
                 # Local crop j is cut from global view j mod n_global (the seed pairs them).
                 parent = g_theta[torch.arange(cfg.n_local, device=dev) % cfg.n_global]
                 l_theta = parent @ l_theta
+            l_disp = self._displacements(cfg.n_local, B, gen, dev)
             k_local = supersampling(side, cfg.local_size, cfg.local_scale, cfg.ratio) \
                 if cfg.antialias else 1
-            crops.append(self._finish(resample(src, l_theta, cfg.local_size, k_local), gen,
-                                      is_global=False))
+            crops.append(self._finish(resample(src, l_theta, cfg.local_size, k_local, l_disp),
+                                      gen, is_global=False))
         return crops
+
+    def _displacements(self, n: int, B: int, gen, dev) -> torch.Tensor | None:
+        """Elastic fields ``(n, B, 2, c, c)`` for n crops of each image, or None (and no
+        draws) without ``elastic``."""
+        if not self.cfg.elastic:
+            return None
+        fields = random_displacements(n * B, self.cfg.elastic, gen, dev)
+        return fields.view(n, B, *fields.shape[1:])
 
     def _finish(self, x: torch.Tensor, gen, is_global: bool) -> torch.Tensor:
         """Colour, blur, solarisation and normalisation of ``(n, B, C, S, S)`` crops."""
