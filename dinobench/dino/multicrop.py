@@ -218,16 +218,12 @@ def resample(images: torch.Tensor, theta: torch.Tensor, size: int,
             n, B, C, size, size)
     n, B = theta.shape[:2]
     affine = theta[..., :2, :].reshape(n * B, 2, 3)
-    if displacement is None:
-        grid = F.affine_grid(affine, [n * B, 1, size, size],
-                             align_corners=False)  # (n*B, S, S, 2)
-    else:
-        eye = torch.eye(2, 3, device=theta.device, dtype=theta.dtype).expand(n * B, 2, 3)
-        points = F.affine_grid(eye, [n * B, 1, size, size], align_corners=False)
-        points = points + displacement_grid(displacement.reshape(n * B, *displacement.shape[2:]),
-                                            size)
-        grid = points @ affine[:, :, :2].transpose(1, 2).unsqueeze(1) + \
-            affine[:, :, 2].view(n * B, 1, 1, 2)
+    grid = F.affine_grid(affine, [n * B, 1, size, size], align_corners=False)  # (n*B, S, S, 2)
+    if displacement is not None:
+        # The map is linear plus a shift, so a point moved by d in the crop lands A d
+        # further in the image: only the displacement goes through the linear part.
+        d = displacement_grid(displacement.reshape(n * B, *displacement.shape[2:]), size)
+        grid = grid + d @ affine[:, :, :2].transpose(1, 2).unsqueeze(1)
     # Lay the n grids of an image side by side: (B, S, n*S, 2).
     grid = grid.view(n, B, size, size, 2).permute(1, 2, 0, 3, 4).reshape(B, size, n * size, 2)
     out = F.grid_sample(images, grid, mode="bilinear", padding_mode="border",
