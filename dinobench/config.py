@@ -56,6 +56,9 @@ class Recipe:
                              "features of each global view (DINOv2: 0.1): it pushes every "
                              "image away from its nearest neighbour in the batch, spreading "
                              "the features a k-NN reads; 0: off")
+    dino_weight: float = _f(1.0, "weight of the DINO loss in the objective; 0 trains on "
+                            "the KoLeo regulariser alone, an ablation that shows what the "
+                            "features owe to self-distillation (the logged loss stays DINO's)")
     student_temp: float = _f(0.1, "student temperature tau_s")
     teacher_temp: float = _f(0.07, "teacher temperature tau_t after its warm-up")
     warmup_teacher_temp: float = _f(0.04, "tau_t at epoch 0, raised linearly")
@@ -172,9 +175,12 @@ class Recipe:
              f"--blur-p values must lie in [0, 1], got {self.blur_p}")
         for f in ("n_local", "warmup_epochs", "warmup_teacher_temp_epochs",
                   "freeze_last_layer_epochs", "min_lr", "weight_decay", "weight_decay_end",
-                  "clip_grad", "koleo_weight"):
+                  "clip_grad", "koleo_weight", "dino_weight"):
             v = getattr(self, f)
             need(v >= 0, f"--{_flag(f)} must not be negative, got {v}")
+        need(self.dino_weight > 0 or self.koleo_weight > 0,
+             "--dino-weight 0 leaves nothing to train without KoLeo; give --koleo-weight a "
+             "positive value, or keep the DINO loss")
         need(self.n_crops >= 2, "DINO needs at least two crops (--n-global + --n-local >= 2)")
         for f in ("global_scale", "local_scale"):
             lo, hi = getattr(self, f)
@@ -196,7 +202,7 @@ class Recipe:
             v = getattr(self, f)
             need(v is None or v >= 1, f"--{_flag(f)} must be at least 1, got {v}")
         for f in ("blur_sigma", "local_size_ratio", "jitter", "clip_grad", "min_lr",
-                  "weight_decay", "weight_decay_end", "koleo_weight"):
+                  "weight_decay", "weight_decay_end", "koleo_weight", "dino_weight"):
             v = getattr(self, f)
             need(all(math.isfinite(x) for x in (v if isinstance(v, tuple) else (v,))),
                  f"--{_flag(f)} must be a finite number (no inf or nan), got {v}")
@@ -221,7 +227,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
 # without them stands for: kept out of a resume identity while they hold it, so runs made
 # before the field existed still resume.
 LATER_FIELDS = {"jitter_order": "fixed", "antialias": False, "rotation": 0.0,
-                "stroke_p": 0.0, "koleo_weight": 0.0, "stem": "patch", "elastic": 0.0}
+                "stroke_p": 0.0, "koleo_weight": 0.0, "stem": "patch", "elastic": 0.0,
+                "dino_weight": 1.0}
 
 
 def recipe_identity(recipe: Recipe) -> dict:

@@ -225,12 +225,13 @@ class DINOTrainer:
                              student_temp=r.student_temp, teacher_temp=teacher_temp,
                              n_global=r.n_global)
             targets = teacher_probs(teacher_out, self.center, teacher_temp)
-        objective = loss
+        # dino_weight 1 (every preset) leaves the loss as it is: 1.0 * x is exact.
+        objective = r.dino_weight * loss
         if r.koleo_weight:  # per global view, as DINOv2: two views of one image are close
             # by design, so each view's neighbours are other images. The logged loss stays
             # DINO's, comparable across recipes.
             views = features[:crops[0].shape[0]].chunk(r.n_global)
-            objective = loss + r.koleo_weight * sum(koleo_loss(v) for v in views)
+            objective = objective + r.koleo_weight * sum(koleo_loss(v) for v in views)
         self.optimizer.zero_grad(set_to_none=True)
         objective.backward()
         return teacher_out, targets, loss
