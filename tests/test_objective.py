@@ -10,14 +10,11 @@ import torch
 from dinobench.config import SMALL, ConfigError, recipe_identity
 from dinobench.dino.multicrop import MultiCropConfig
 from dinobench.dino.train import DINOTrainer
-from dinobench.vit import ViTConfig
 
 
-def _trainer(recipe) -> DINOTrainer:
-    # The ViT of conftest's tiny_vit_cfg, which agrees with tiny_recipe.
-    cfg = ViTConfig(image_size=16, grid=4, in_chans=1, dim=32, depth=1, heads=2, mlp_dim=64)
+def _trainer(recipe, vit_cfg) -> DINOTrainer:
     crop = MultiCropConfig.from_recipe(recipe, 16, 4, (0.5,), (0.25,))
-    return DINOTrainer(recipe, cfg, crop, seed=0, progress=False, log=lambda m: None)
+    return DINOTrainer(recipe, vit_cfg, crop, seed=0, progress=False, log=lambda m: None)
 
 
 def _crops(trainer: DINOTrainer) -> list[torch.Tensor]:
@@ -50,14 +47,15 @@ def recipe(tiny_recipe):
     return tiny_recipe.replace(drop_path=0.0)
 
 
-def test_dino_weight_zero_trains_on_koleo_alone(recipe):
+def test_dino_weight_zero_trains_on_koleo_alone(recipe, tiny_vit_cfg):
     """With the DINO loss off, the student's gradient is the KoLeo term's, recomputed in
     float64 on each global view; the head, which KoLeo does not reach, gets none."""
-    trainer = _trainer(recipe.replace(dino_weight=0.0, koleo_weight=0.5))
+    trainer = _trainer(recipe.replace(dino_weight=0.0, koleo_weight=0.5), tiny_vit_cfg)
     crops = _crops(trainer)
     got, _ = _step_gradients(trainer, crops)
 
-    fresh = _trainer(recipe.replace(dino_weight=0.0, koleo_weight=0.5))  # same init
+    fresh = _trainer(recipe.replace(dino_weight=0.0, koleo_weight=0.5),  # same init
+                     tiny_vit_cfg)
     params = dict(fresh.student.named_parameters())
     views = crops[0].chunk(recipe.n_global)
     expected = 0.5 * sum(_koleo_float64(fresh.student.backbone(v)) for v in views)
@@ -70,13 +68,13 @@ def test_dino_weight_zero_trains_on_koleo_alone(recipe):
     assert any(torch.count_nonzero(got[n]) for n in params if n.startswith("backbone."))
 
 
-def test_dino_weight_scales_the_dino_term_only(recipe):
+def test_dino_weight_scales_the_dino_term_only(recipe, tiny_vit_cfg):
     """The objective is linear in each weight: (dino 0.5, koleo 0.3) gives half the
     gradient of (1, 0) plus the gradient of (0, 0.3), on the same weights and crops;
     the logged loss stays DINO's, whatever its weight."""
     grads, losses = {}, {}
     for w in ((1.0, 0.0), (0.0, 0.3), (0.5, 0.3)):
-        trainer = _trainer(recipe.replace(dino_weight=w[0], koleo_weight=w[1]))
+        trainer = _trainer(recipe.replace(dino_weight=w[0], koleo_weight=w[1]), tiny_vit_cfg)
         crops = _crops(trainer)
         grads[w], losses[w] = _step_gradients(trainer, crops)
     for name, g in grads[0.5, 0.3].items():
