@@ -59,6 +59,16 @@ class Recipe:
     dino_weight: float = _f(1.0, "weight of the DINO loss in the objective; 0 trains on "
                             "the KoLeo regulariser alone, an ablation that shows what the "
                             "features owe to self-distillation (the logged loss stays DINO's)")
+    ibot_weight: float = _f(0.0, "weight of iBOT's masked-patch loss (DINOv2's patch-level "
+                            "term): the student sees its global views with some patches "
+                            "replaced by a learnt mask token and predicts, at each hidden "
+                            "patch, the teacher's output for that patch of the whole view; "
+                            "0: off")
+    ibot_mask_ratio: tuple[float, float] = _f((0.1, 0.5), "range of the fraction of a masked "
+                                              "view's patches hidden, drawn per view "
+                                              "(--ibot-weight > 0 only)")
+    ibot_mask_p: float = _f(0.5, "probability that a global view is masked at all; the "
+                            "others keep every patch (DINOv2: 0.5)")
     student_temp: float = _f(0.1, "student temperature tau_s")
     teacher_temp: float = _f(0.07, "teacher temperature tau_t after its warm-up")
     warmup_teacher_temp: float = _f(0.04, "tau_t at epoch 0, raised linearly")
@@ -166,7 +176,7 @@ class Recipe:
             v = getattr(self, f)
             need(math.isfinite(v) and v > 0, f"--{_flag(f)} must be positive, got {v}")
         for f in ("center_momentum", "teacher_momentum", "drop_path", "flip_p", "jitter_p",
-                  "grey_p", "solarize_p", "stroke_p"):
+                  "grey_p", "solarize_p", "stroke_p", "ibot_mask_p"):
             v = getattr(self, f)
             if v is None and f in AUTO_FIELDS:
                 continue
@@ -175,12 +185,17 @@ class Recipe:
              f"--blur-p values must lie in [0, 1], got {self.blur_p}")
         for f in ("n_local", "warmup_epochs", "warmup_teacher_temp_epochs",
                   "freeze_last_layer_epochs", "min_lr", "weight_decay", "weight_decay_end",
-                  "clip_grad", "koleo_weight", "dino_weight"):
+                  "clip_grad", "koleo_weight", "dino_weight", "ibot_weight"):
             v = getattr(self, f)
             need(v >= 0, f"--{_flag(f)} must not be negative, got {v}")
         need(self.dino_weight > 0 or self.koleo_weight > 0,
              "--dino-weight 0 leaves nothing to train without KoLeo; give --koleo-weight a "
              "positive value, or keep the DINO loss")
+        lo, hi = self.ibot_mask_ratio
+        need(0.0 < lo <= hi < 1.0, f"--ibot-mask-ratio must satisfy 0 < low <= high < 1 "
+             f"(a masked view hides some patches, never all), got {lo} {hi}")
+        need(self.ibot_mask_p > 0 or not self.ibot_weight, "--ibot-mask-p 0 masks no view, "
+             "so --ibot-weight would train nothing; give it a positive probability")
         need(self.n_crops >= 2, "DINO needs at least two crops (--n-global + --n-local >= 2)")
         for f in ("global_scale", "local_scale"):
             lo, hi = getattr(self, f)
@@ -202,7 +217,8 @@ class Recipe:
             v = getattr(self, f)
             need(v is None or v >= 1, f"--{_flag(f)} must be at least 1, got {v}")
         for f in ("blur_sigma", "local_size_ratio", "jitter", "clip_grad", "min_lr",
-                  "weight_decay", "weight_decay_end", "koleo_weight", "dino_weight"):
+                  "weight_decay", "weight_decay_end", "koleo_weight", "dino_weight",
+                  "ibot_weight", "ibot_mask_ratio"):
             v = getattr(self, f)
             need(all(math.isfinite(x) for x in (v if isinstance(v, tuple) else (v,))),
                  f"--{_flag(f)} must be a finite number (no inf or nan), got {v}")
@@ -228,7 +244,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
 # before the field existed still resume.
 LATER_FIELDS = {"jitter_order": "fixed", "antialias": False, "rotation": 0.0,
                 "stroke_p": 0.0, "koleo_weight": 0.0, "stem": "patch", "elastic": 0.0,
-                "dino_weight": 1.0}
+                "dino_weight": 1.0, "ibot_weight": 0.0, "ibot_mask_ratio": (0.1, 0.5),
+                "ibot_mask_p": 0.5}
 
 
 def recipe_identity(recipe: Recipe) -> dict:

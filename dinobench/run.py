@@ -165,10 +165,13 @@ def eval_every(opts: RunOptions, dataset: str, epochs: int) -> int:
 
 def vit_identity(cfg: ViTConfig) -> dict:
     """The backbone as a resume identity: the stem only where it is not the patch
-    embedding, so runs made before ``--stem`` existed still resume."""
+    embedding and the mask token only where there is one, so runs made before ``--stem``
+    and ``--ibot-weight`` existed still resume."""
     vit = dataclasses.asdict(cfg)
     if vit["stem"] == "patch":
         del vit["stem"]
+    if not vit["mask_token"]:
+        del vit["mask_token"]
     return vit
 
 

@@ -42,6 +42,9 @@ class ViTConfig:
     # How pixels become tokens: "patch", one linear map per patch (a p x p convolution of
     # stride p, as ViT); "conv", a stack of 3x3 stride-2 convolutions (see ConvStem).
     stem: str = "patch"
+    # A learnt token that stands in for hidden patches (iBOT's masked views); created only
+    # when a recipe asks for it, so every other backbone keeps its parameters.
+    mask_token: bool = False
 
     def __post_init__(self):
         if self.image_size < 1 or self.grid < 1:
@@ -70,7 +73,8 @@ class ViTConfig:
         patches. Drop path is left at 0: only the student gets the recipe's."""
         return cls(image_size=image_size, grid=grid, in_chans=in_chans, dim=recipe.dim,
                    depth=recipe.depth, heads=recipe.heads, mlp_dim=recipe.mlp_dim,
-                   pos_embed_std=recipe.pos_embed_std, stem=recipe.stem)
+                   pos_embed_std=recipe.pos_embed_std, stem=recipe.stem,
+                   mask_token=recipe.ibot_weight > 0)
 
     @property
     def patch_size(self) -> int:
@@ -248,6 +252,9 @@ class ViT(nn.Module):
         else:
             self.patch_embed = nn.Conv2d(cfg.in_chans, cfg.dim, kernel_size=p, stride=p)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
+        # Zeros, as iBOT's: no draw from the random stream, so the other weights are the
+        # same with or without it.
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.dim)) if cfg.mask_token else None
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.grid**2, cfg.dim))
         rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
         self.blocks = nn.ModuleList(Block(cfg.dim, cfg.heads, cfg.mlp_dim, r) for r in rates)
@@ -277,8 +284,11 @@ class ViT(nn.Module):
             patch_pos = m @ pe[0, 1:]  # (gh*gw, g*g) @ (g*g, D)
         return torch.cat([pe[:, :1], patch_pos[None]], dim=1)
 
-    def tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """Patch tokens with CLS prepended and positions added: ``(B, 1 + N, D)``."""
+    def tokens(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Patch tokens with CLS prepended and positions added: ``(B, 1 + N, D)``. Where
+        ``mask`` ``(B, N)`` is true, the patch's embedding is replaced by the mask token
+        before its position is added (iBOT), so the network knows where a hidden patch
+        lies but not what it holds."""
         p = self.cfg.patch_size
         if x.shape[-1] % p or x.shape[-2] % p:
             raise ValueError(f"crop {tuple(x.shape[-2:])} is not a multiple of the patch "
@@ -286,6 +296,14 @@ class ViT(nn.Module):
         x = self.patch_embed(x)  # (B, D, H/p, W/p)
         gh, gw = x.shape[-2:]
         x = x.flatten(2).transpose(1, 2)  # (B, N, D)
+        if mask is not None:
+            if self.mask_token is None:
+                raise ValueError("this ViT has no mask token: build it with "
+                                 "ViTConfig(mask_token=True)")
+            if mask.shape != x.shape[:2]:
+                raise ValueError(f"mask {tuple(mask.shape)} does not match the "
+                                 f"{tuple(x.shape[:2])} patches of the crops")
+            x = torch.where(mask[..., None], self.mask_token.to(x.dtype), x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         return x + self.pos_embed_for(gh, gw)
 
@@ -294,6 +312,15 @@ class ViT(nn.Module):
         for block in self.blocks:
             x, _ = block(x)
         return self.norm(x[:, 0])
+
+    def forward_tokens(self, x: torch.Tensor, mask: torch.Tensor | None = None
+                       ) -> torch.Tensor:
+        """Every token after the final norm, ``(B, 1 + N, D)``: the CLS feature first (the
+        same as :meth:`forward`'s), then the patch tokens; ``mask`` as :meth:`tokens`."""
+        x = self.tokens(x, mask)
+        for block in self.blocks:
+            x, _ = block(x)
+        return self.norm(x)
 
     def forward_with_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Explicit attention in every block. Returns the CLS feature ``(B, D)`` and the

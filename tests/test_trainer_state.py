@@ -89,15 +89,16 @@ def test_a_state_saved_mid_epoch_continues_exactly(tiny_recipe, tiny_vit_cfg):
 
 def test_state_dict_covers_every_attribute_training_changes(tiny_recipe, tiny_vit_cfg):
     """A new attribute that training mutates must be saved, or be listed here as one that
-    is rebuilt from the configuration."""
-    trainer = _trainer(tiny_recipe, tiny_vit_cfg)
+    is rebuilt from the configuration. iBOT on, so its patch center exists."""
+    trainer = _trainer(tiny_recipe.replace(ibot_weight=1.0), tiny_vit_cfg)
     rebuilt = {"recipe", "vit_cfg", "crop_cfg", "device", "seed", "progress", "log",
                "log_path", "on_epoch_end", "dist", "local_batch", "student_fwd",
                "teacher_fwd", "_eager_fwd", "_compile_unproven", "multicrop", "autocast"}
     saved_as = {"student": "student", "teacher": "teacher", "optimizer": "optimizer",
                 "center": "center", "epoch": "epoch", "step_count": "step", "pos": "pos",
                 "order": "order", "order_gen": "order_rng", "history": "history",
-                "train_seconds": "train_seconds", "aug_gen": "ranks", "stats": "ranks"}
+                "train_seconds": "train_seconds", "aug_gen": "ranks", "stats": "ranks",
+                "patch_center": "patch_center"}
     state = trainer.state_dict()
     for attr in vars(trainer):
         assert attr in rebuilt or attr in saved_as, f"{attr} is neither saved nor rebuilt"
@@ -226,7 +227,7 @@ def test_precision_bf16_runs_the_forward_passes_in_bf16_and_keeps_the_state_floa
         trainer = DINOTrainer(tiny_recipe, tiny_vit_cfg, crop, seed=3, progress=False,
                               log=lambda m: None, precision=precision)
         crops = trainer.multicrop(images, torch.Generator().manual_seed(1))
-        teacher_out, targets, loss = trainer._forward_backward(crops, 0.04)
+        teacher_out, targets, loss, _ = trainer._forward_backward(crops, 0.04)
         out[precision] = (teacher_out, targets, loss)
         trainer.step(images, torch.Generator().manual_seed(1), lr=1e-3, wd=0.04,
                      momentum=0.99, teacher_temp=0.04, freeze_last_layer=False)

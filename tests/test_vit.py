@@ -352,4 +352,5 @@ def test_resume_identity_names_the_stem_only_when_it_is_not_the_patch():
 
     assert "stem" not in vit_identity(ViTConfig())
     assert vit_identity(ViTConfig(stem="conv"))["stem"] == "conv"
-    assert set(vit_identity(ViTConfig())) | {"stem"} == set(ViTConfig.__dataclass_fields__)
+    assert (set(vit_identity(ViTConfig())) | {"stem", "mask_token"}
+            == set(ViTConfig.__dataclass_fields__))

@@ -92,14 +92,30 @@ class DINOModel(nn.Module):
     """Backbone and head. Called with a list of crop batches (one tensor per crop size),
     it runs the backbone once per size and returns the logits of all crops concatenated
     in the order given: ``(sum of batch sizes, K)``; with ``return_features`` also the
-    backbone's CLS features they came from, ``(sum of batch sizes, D)``."""
+    backbone's CLS features they came from, ``(sum of batch sizes, D)``.
+
+    With ``patches`` (iBOT) it returns ``(logits, features, patch_logits)``: the head's
+    logits for every patch token of the first crop batch, ``(B0, N, K)``, computed in a
+    head call of their own, so the CLS logits (and the head's batch norm over them) are
+    the same as without. ``masks`` ``bool (B0, N)`` hides those patches of the first
+    crop batch behind the backbone's mask token first."""
 
     def __init__(self, backbone: ViT, head: nn.Module):
         super().__init__()
         self.backbone = backbone
         self.head = head
 
-    def forward(self, crops: list[torch.Tensor], return_features: bool = False):
-        features = torch.cat([self.backbone(c) for c in crops])
-        logits = self.head(features)
-        return (logits, features) if return_features else logits
+    def forward(self, crops: list[torch.Tensor], return_features: bool = False,
+                patches: bool = False, masks: torch.Tensor | None = None):
+        if not patches:
+            if masks is not None:
+                raise ValueError("masks need patches=True: a hidden patch is read back "
+                                 "from the patch logits")
+            features = torch.cat([self.backbone(c) for c in crops])
+            logits = self.head(features)
+            return (logits, features) if return_features else logits
+        tokens = self.backbone.forward_tokens(crops[0], masks)  # (B0, 1 + N, D)
+        features = torch.cat([tokens[:, 0]] + [self.backbone(c) for c in crops[1:]])
+        patch_tokens = tokens[:, 1:]
+        patch_logits = self.head(patch_tokens.flatten(0, 1))
+        return self.head(features), features, patch_logits.unflatten(0, patch_tokens.shape[:2])

@@ -19,7 +19,9 @@ from .heads import DINOModel, build_head
 
 def build_student_teacher(recipe: Recipe, vit_cfg: ViTConfig) -> tuple[DINOModel, DINOModel]:
     """Student and teacher from the same initialisation. Only the student uses
-    stochastic depth; the teacher is never trained by gradient."""
+    stochastic depth; the teacher is never trained by gradient. The backbone has a mask
+    token exactly when the recipe trains iBOT's masked-patch loss."""
+    vit_cfg = dataclasses.replace(vit_cfg, mask_token=recipe.ibot_weight > 0)
     student = DINOModel(
         ViT(dataclasses.replace(vit_cfg, drop_path=recipe.drop_path)),
         build_head(recipe.head, vit_cfg.dim, recipe.out_dim, recipe.head_hidden_dim,
@@ -36,12 +38,14 @@ def build_student_teacher(recipe: Recipe, vit_cfg: ViTConfig) -> tuple[DINOModel
 def param_groups(model: nn.Module) -> list[dict]:
     """Weight decay on weight matrices only: not on biases, norms, the CLS token or the
     positional embeddings. The DINO reference code decays the last two as well (it skips
-    only 1-D tensors); here they count as vectors of the token space, not as maps."""
+    only 1-D tensors); here they, and iBOT's mask token, count as vectors of the token
+    space, not as maps."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        is_matrix = p.ndim >= 2 and not name.endswith(("cls_token", "pos_embed"))
+        is_matrix = p.ndim >= 2 and not name.endswith(("cls_token", "pos_embed",
+                                                          "mask_token"))
         (decay if is_matrix else no_decay).append(p)
     return [{"params": decay, "decay": True}, {"params": no_decay, "decay": False,
                                                "weight_decay": 0.0}]

@@ -36,6 +36,7 @@ from .ema import ema_update_
 from .epoch_stats import EpochStats, epoch_line, step_diagnostics
 from .faults import collapse_reason
 from .heads import DINOModel
+from .ibot import ibot_loss, patch_masks
 from .koleo import koleo_loss
 from .loss import dino_loss, dino_loss_from_probs, teacher_probs
 from .model_setup import build_student_teacher, param_groups
@@ -120,6 +121,10 @@ class DINOTrainer:
         self.teacher.to(self.device)
         self.multicrop = MultiCrop(crop_cfg)
         self.center = torch.zeros(1, recipe.out_dim, device=self.device)
+        # iBOT's patch targets are centred apart from the CLS targets: a patch token's
+        # mean output is not an image's.
+        self.patch_center = (torch.zeros(1, recipe.out_dim, device=self.device)
+                             if recipe.ibot_weight else None)
         cuda = self.device.type == "cuda"
         # Fused AdamW: a few kernels per step on CUDA, and on a CPU too (torch >= 2.4),
         # where it is several times faster than the default implementation.
@@ -176,8 +181,11 @@ class DINOTrainer:
         """One DINO step on a ``uint8`` batch. Returns device tensors (no sync)."""
         r = self.recipe
         crops = self.multicrop(batch, gen)
+        masks = (patch_masks(crops[0].shape[0], self.vit_cfg.grid**2, r.ibot_mask_ratio,
+                             r.ibot_mask_p, gen, self.device) if r.ibot_weight else None)
         try:
-            teacher_out, targets, loss = self._forward_backward(crops, teacher_temp)
+            teacher_out, targets, loss, teacher_patches = self._forward_backward(
+                crops, teacher_temp, masks)
         except Exception as e:  # noqa: BLE001 - any compiler error, whatever its type
             if not self._compile_unproven:
                 raise
@@ -185,7 +193,8 @@ class DINOTrainer:
             self.log(f"torch.compile failed ({type(e).__name__}: {first}); continuing "
                      "in eager mode")
             self.student_fwd, self.teacher_fwd = self._eager_fwd
-            teacher_out, targets, loss = self._forward_backward(crops, teacher_temp)
+            teacher_out, targets, loss, teacher_patches = self._forward_backward(
+                crops, teacher_temp, masks)
         self._compile_unproven = False
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -203,19 +212,30 @@ class DINOTrainer:
         # leaves its targets unchanged), but keeping it costs one mean and keeps the state
         # and the logged center the same in both modes.
         self.center = update_center(self.center, teacher_out, r.center_momentum)
+        if teacher_patches is not None:
+            self.patch_center = update_center(self.patch_center, teacher_patches.flatten(0, 1),
+                                              r.center_momentum)
         return {"loss": loss.detach(), **diagnostics}
 
-    def _forward_backward(self, crops: list[torch.Tensor], teacher_temp: float
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _forward_backward(self, crops: list[torch.Tensor], teacher_temp: float,
+                          masks: torch.Tensor | None = None):
         """Teacher and student forward, the loss, fresh student gradients. Returns the
-        teacher logits, the targets the loss used (probabilities) and the loss."""
+        teacher logits, the targets the loss used (probabilities), the DINO loss and,
+        with iBOT's ``masks`` (hidden patches of the global views), the teacher's patch
+        logits (else None)."""
         r = self.recipe
+        teacher_patches = None
         with self.autocast:
-            teacher_out = self.teacher_fwd(crops[:1])  # global views only
-            if r.koleo_weight:
-                student_out, features = self.student_fwd(crops, return_features=True)
+            if masks is not None:  # the teacher sees every patch, the student the masked views
+                teacher_out, _, teacher_patches = self.teacher_fwd(crops[:1], patches=True)
+                student_out, features, student_patches = self.student_fwd(
+                    crops, return_features=True, patches=True, masks=masks)
             else:
-                student_out = self.student_fwd(crops)
+                teacher_out = self.teacher_fwd(crops[:1])  # global views only
+                if r.koleo_weight:
+                    student_out, features = self.student_fwd(crops, return_features=True)
+                else:
+                    student_out = self.student_fwd(crops)
         if r.centering == "sinkhorn":  # all global views balanced together, as DINOv2
             targets = sinkhorn_knopp(teacher_out, teacher_temp, r.sinkhorn_iterations)
             loss = dino_loss_from_probs(student_out, targets, student_temp=r.student_temp,
@@ -232,9 +252,13 @@ class DINOTrainer:
             # DINO's, comparable across recipes.
             views = features[:crops[0].shape[0]].chunk(r.n_global)
             objective = objective + r.koleo_weight * sum(koleo_loss(v) for v in views)
+        if masks is not None:
+            objective = objective + r.ibot_weight * ibot_loss(
+                student_patches, teacher_patches, self.patch_center, masks,
+                student_temp=r.student_temp, teacher_temp=teacher_temp)
         self.optimizer.zero_grad(set_to_none=True)
         objective.backward()
-        return teacher_out, targets, loss
+        return teacher_out, targets, loss, teacher_patches
 
     # --- the loop --------------------------------------------------------------------
     def fit(self, images: torch.Tensor, *,
@@ -392,6 +416,8 @@ class DINOTrainer:
             "order": self.order, "order_rng": self.order_gen.get_state(),
             "history": self.history, "ranks": gather_objects(mine),
             "train_seconds": self.train_seconds,
+            **({"patch_center": self.patch_center.cpu()}
+               if self.patch_center is not None else {}),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -403,6 +429,8 @@ class DINOTrainer:
         self.teacher.load_state_dict(state["teacher"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.center = state["center"].to(self.device)
+        if self.patch_center is not None:
+            self.patch_center = state["patch_center"].to(self.device)
         self.epoch, self.step_count, self.pos = state["epoch"], state["step"], state["pos"]
         self.order = state["order"]
         self.order_gen.set_state(state["order_rng"])
