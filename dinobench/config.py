@@ -62,8 +62,9 @@ class Recipe:
     ibot_weight: float = _f(0.0, "weight of iBOT's masked-patch loss (DINOv2's patch-level "
                             "term): the student sees its global views with some patches "
                             "replaced by a learnt mask token and predicts, at each hidden "
-                            "patch, the teacher's output for that patch of the whole view; "
-                            "0: off")
+                            "patch, the teacher's output for that patch of the whole view, "
+                            "centred by a running patch center of its own (iBOT's, also "
+                            "under --centering sinkhorn); 0: off")
     ibot_mask_ratio: tuple[float, float] = _f((0.1, 0.5), "range of the fraction of a masked "
                                               "view's patches hidden, drawn per view "
                                               "(--ibot-weight > 0 only)")

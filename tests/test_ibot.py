@@ -51,8 +51,9 @@ def test_masks_follow_the_generator():
 # --- the loss ----------------------------------------------------------------------------
 
 def _ibot_float64(student, teacher, center, masks, student_temp, teacher_temp):
-    """The loss written out with loops over views and patches, in float64."""
-    total, views = 0.0, 0
+    """The loss written out with loops over views and patches, in float64: the mean
+    over a view's hidden patches, then over every view (one that hides none adds 0)."""
+    total, views = 0.0, masks.shape[0]
     for v in range(masks.shape[0]):
         hidden = [n for n in range(masks.shape[1]) if masks[v, n]]
         if not hidden:
@@ -66,8 +67,7 @@ def _ibot_float64(student, teacher, center, masks, student_temp, teacher_temp):
             log_p = s - (s.max() + torch.log(torch.exp(s - s.max()).sum()))
             per_patch.append(-(q * log_p).sum())
         total = total + sum(per_patch) / len(per_patch)
-        views += 1
-    return total / views if views else torch.zeros((), dtype=torch.float64)
+    return torch.as_tensor(total / views, dtype=torch.float64)
 
 
 def test_loss_against_float64_loops():
@@ -75,7 +75,7 @@ def test_loss_against_float64_loops():
     s, t = torch.randn(5, 6, 7, generator=g), torch.randn(5, 6, 7, generator=g)
     center = torch.randn(1, 7, generator=g)
     masks = torch.rand(5, 6, generator=g) < 0.4
-    masks[2] = False  # a view that hides nothing does not count
+    masks[2] = False  # a view that hides nothing adds 0 to the mean
     masks[0, 0] = True
     got = ibot_loss(s, t, center, masks, student_temp=0.1, teacher_temp=0.04)
     want = _ibot_float64(s, t, center, masks, 0.1, 0.04)
@@ -85,12 +85,17 @@ def test_loss_against_float64_loops():
 def test_loss_hand_derived():
     """K = 2, a uniform teacher and a student at (0, tau_s log 3): p = (1/4, 3/4), so the
     loss is -(log(1/4) + log(3/4)) / 2 at the one hidden patch; the visible one, however
-    far off, adds nothing."""
+    far off, adds nothing; a second view that hides nothing halves the mean."""
     s = torch.tensor([[[0.0, 0.1 * math.log(3.0)], [50.0, -50.0]]])
     t = torch.zeros(1, 2, 2)
     masks = torch.tensor([[True, False]])
     got = ibot_loss(s, t, torch.zeros(1, 2), masks, student_temp=0.1, teacher_temp=0.04)
-    assert got.item() == pytest.approx(-(math.log(0.25) + math.log(0.75)) / 2, rel=1e-6)
+    one = -(math.log(0.25) + math.log(0.75)) / 2
+    assert got.item() == pytest.approx(one, rel=1e-6)
+    two = ibot_loss(s.repeat(2, 1, 1), t.repeat(2, 1, 1), torch.zeros(1, 2),
+                    torch.tensor([[True, False], [False, False]]), student_temp=0.1,
+                    teacher_temp=0.04)
+    assert two.item() == pytest.approx(one / 2, rel=1e-6)
 
 
 def test_loss_is_zero_when_nothing_is_hidden():
@@ -185,6 +190,11 @@ def test_trainer_gradient_is_dino_plus_weighted_ibot(recipe, tiny_vit_cfg):
     masks = patch_masks(crops[0].shape[0], 16, (0.1, 0.5), 0.5,
                         torch.Generator().manual_seed(2), "cpu")
     masks[0, 3] = True
+    # Two different centers, so that one used in place of the other shows.
+    g = torch.Generator().manual_seed(4)
+    center, patch_center = torch.randn(1, r.out_dim, generator=g), torch.randn(
+        1, r.out_dim, generator=g)
+    trainer.center, trainer.patch_center = center.clone(), patch_center.clone()
     trainer._forward_backward(crops, 0.04, masks)
     got = _grads(trainer.student)
 
@@ -192,9 +202,9 @@ def test_trainer_gradient_is_dino_plus_weighted_ibot(recipe, tiny_vit_cfg):
     with torch.no_grad():
         t_out, _, t_patches = fresh.teacher(crops[:1], patches=True)
     s_out, _, s_patches = fresh.student(crops, return_features=True, patches=True, masks=masks)
-    expected = dino_loss(s_out, t_out, torch.zeros(1, r.out_dim), student_temp=r.student_temp,
+    expected = dino_loss(s_out, t_out, center, student_temp=r.student_temp,
                          teacher_temp=0.04, n_global=r.n_global) + 0.5 * _ibot_float64(
-        s_patches, t_patches, torch.zeros(1, r.out_dim), masks, r.student_temp, 0.04)
+        s_patches, t_patches, patch_center, masks, r.student_temp, 0.04)
     params = dict(fresh.student.named_parameters())
     want = torch.autograd.grad(expected, list(params.values()), allow_unused=True)
     for (name, p), g in zip(params.items(), want):

@@ -40,7 +40,9 @@ def ibot_loss(student_patch_logits: torch.Tensor, teacher_patch_logits: torch.Te
     """``-sum_k q_k log p_k`` at each hidden patch, with ``q`` the teacher's centred,
     sharpened output for the patch (:func:`teacher_probs` with the patch center) and
     ``p = softmax(s / student_temp)`` the student's from the masked view; averaged over a
-    view's hidden patches, then over the views that hide any (0 if none does).
+    view's hidden patches, then over all ``V`` views, a view that hides none counting 0
+    (iBOT's mean over the batch; DINOv2's too). So the term's scale follows the share of
+    views masked, and N processes under torchrun average to what one process computes.
 
     Logits ``(V, N, K)``, ``masks`` ``bool (V, N)``, ``center`` ``(1, K)``. Float32."""
     if student_patch_logits.shape != teacher_patch_logits.shape or (
@@ -54,5 +56,4 @@ def ibot_loss(student_patch_logits: torch.Tensor, teacher_patch_logits: torch.Te
     ce = -(q * log_p).sum(-1).reshape(masks.shape)  # (V, N)
     m = masks.float()
     hidden = m.sum(1)
-    per_view = (ce * m).sum(1) / hidden.clamp(min=1)
-    return per_view.sum() / (hidden > 0).sum().clamp(min=1)
+    return ((ce * m).sum(1) / hidden.clamp(min=1)).mean()
