@@ -91,3 +91,13 @@ def tiny_setup(head: str = "seed", channels: int = 3, **changes):
                     mlp_dim=64)
     crop = MultiCropConfig.from_recipe(recipe, 32, 4, (0.5,) * channels, (0.25,) * channels)
     return recipe, cfg, crop
+
+
+def tiny_trainer(recipe, vit_cfg, seed: int = 0):
+    """A quiet DINOTrainer on 16-px single-channel crops (4-px patches), for the tiny
+    recipe and ViT of conftest's fixtures."""
+    from dinobench.dino.multicrop import MultiCropConfig
+    from dinobench.dino.train import DINOTrainer
+
+    crop = MultiCropConfig.from_recipe(recipe, 16, 4, (0.5,), (0.25,))
+    return DINOTrainer(recipe, vit_cfg, crop, seed=seed, progress=False, log=lambda m: None)

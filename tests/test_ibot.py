@@ -14,10 +14,9 @@ from dinobench.config import SMALL, ConfigError, recipe_identity
 from dinobench.dino.ibot import ibot_loss, patch_masks
 from dinobench.dino.loss import dino_loss
 from dinobench.dino.model_setup import param_groups
-from dinobench.dino.multicrop import MultiCropConfig
-from dinobench.dino.train import DINOTrainer
 from dinobench.run import vit_identity
 from dinobench.vit import ViT
+from helpers import tiny_trainer
 
 # --- masks -----------------------------------------------------------------------------
 
@@ -165,11 +164,6 @@ def recipe(tiny_recipe):
     return tiny_recipe.replace(drop_path=0.0)
 
 
-def _trainer(recipe, vit_cfg) -> DINOTrainer:
-    crop = MultiCropConfig.from_recipe(recipe, 16, 4, (0.5,), (0.25,))
-    return DINOTrainer(recipe, vit_cfg, crop, seed=0, progress=False, log=lambda m: None)
-
-
 def _images() -> torch.Tensor:
     return torch.randint(0, 256, (8, 1, 16, 16), dtype=torch.uint8,
                          generator=torch.Generator().manual_seed(0))
@@ -185,7 +179,7 @@ def test_trainer_gradient_is_dino_plus_weighted_ibot(recipe, tiny_vit_cfg):
     0.5 x the float64 loop above on the patch logits, recomputed on a fresh trainer of
     the same initialisation; the mask token gets a gradient."""
     r = recipe.replace(ibot_weight=0.5)
-    trainer = _trainer(r, tiny_vit_cfg)
+    trainer = tiny_trainer(r, tiny_vit_cfg)
     crops = trainer.multicrop(_images(), torch.Generator().manual_seed(1))
     masks = patch_masks(crops[0].shape[0], 16, (0.1, 0.5), 0.5,
                         torch.Generator().manual_seed(2), "cpu")
@@ -198,7 +192,7 @@ def test_trainer_gradient_is_dino_plus_weighted_ibot(recipe, tiny_vit_cfg):
     trainer._forward_backward(crops, 0.04, masks)
     got = _grads(trainer.student)
 
-    fresh = _trainer(r, tiny_vit_cfg)
+    fresh = tiny_trainer(r, tiny_vit_cfg)
     with torch.no_grad():
         t_out, _, t_patches = fresh.teacher(crops[:1], patches=True)
     s_out, _, s_patches = fresh.student(crops, return_features=True, patches=True, masks=masks)
@@ -216,8 +210,8 @@ def test_trainer_gradient_is_dino_plus_weighted_ibot(recipe, tiny_vit_cfg):
 def test_nothing_hidden_is_plain_dino(recipe, tiny_vit_cfg):
     """With no patch hidden the patch term is 0 and the CLS path is DINO's: the same
     gradient as the trainer without iBOT, on the same weights and crops."""
-    with_ibot = _trainer(recipe.replace(ibot_weight=1.0), tiny_vit_cfg)
-    plain = _trainer(recipe, tiny_vit_cfg)
+    with_ibot = tiny_trainer(recipe.replace(ibot_weight=1.0), tiny_vit_cfg)
+    plain = tiny_trainer(recipe, tiny_vit_cfg)
     crops = plain.multicrop(_images(), torch.Generator().manual_seed(1))
     none = torch.zeros(crops[0].shape[0], 16, dtype=torch.bool)
     loss_ibot = with_ibot._forward_backward(crops, 0.04, none)[2]
@@ -234,11 +228,11 @@ def test_patch_center_follows_the_teacher_patches(recipe, tiny_vit_cfg):
     logits on that step's global views (recomputed in float64), and it survives a
     checkpoint."""
     r = recipe.replace(ibot_weight=1.0, center_momentum=0.9)
-    trainer = _trainer(r, tiny_vit_cfg)
+    trainer = tiny_trainer(r, tiny_vit_cfg)
     images = _images()
     trainer.step(images, torch.Generator().manual_seed(1), lr=0.0, wd=0.0, momentum=1.0,
                  teacher_temp=0.04, freeze_last_layer=False)
-    fresh = _trainer(r, tiny_vit_cfg)
+    fresh = tiny_trainer(r, tiny_vit_cfg)
     crops = fresh.multicrop(images, torch.Generator().manual_seed(1))
     with torch.no_grad():
         t_patches = fresh.teacher(crops[:1], patches=True)[2].double()
@@ -247,10 +241,10 @@ def test_patch_center_follows_the_teacher_patches(recipe, tiny_vit_cfg):
     assert torch.count_nonzero(trainer.patch_center) > 0
 
     state = trainer.state_dict()
-    restored = _trainer(r, tiny_vit_cfg)
+    restored = tiny_trainer(r, tiny_vit_cfg)
     restored.load_state_dict(state)
     assert torch.equal(restored.patch_center, trainer.patch_center)
-    assert "patch_center" not in _trainer(recipe, tiny_vit_cfg).state_dict()
+    assert "patch_center" not in tiny_trainer(recipe, tiny_vit_cfg).state_dict()
 
 
 # --- the fields --------------------------------------------------------------------------

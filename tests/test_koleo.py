@@ -11,8 +11,7 @@ import torch
 
 from dinobench.config import SMALL, ConfigError, recipe_identity
 from dinobench.dino.koleo import koleo_loss
-from dinobench.dino.multicrop import MultiCropConfig
-from dinobench.dino.train import DINOTrainer
+from helpers import tiny_trainer
 
 
 def brute_force(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -63,18 +62,13 @@ def test_needs_two_vectors():
         koleo_loss(torch.randn(1, 4))
 
 
-def _trainer(recipe, vit_cfg):
-    crop = MultiCropConfig.from_recipe(recipe, 16, 4, (0.5,), (0.25,))
-    return DINOTrainer(recipe, vit_cfg, crop, seed=0, progress=False, log=lambda m: None)
-
-
 def test_step_adds_it_to_the_backbone_gradient_only(tiny_recipe, tiny_vit_cfg):
     """Same seed, weights and crops: with KoLeo the logged loss (DINO's) is unchanged,
     the head (which KoLeo does not reach) takes the same step, the backbone another."""
     images = torch.randint(0, 256, (8, 1, 16, 16), dtype=torch.uint8)
     after, losses = [], []
     for w in (0.0, 0.5):
-        trainer = _trainer(tiny_recipe.replace(koleo_weight=w), tiny_vit_cfg)
+        trainer = tiny_trainer(tiny_recipe.replace(koleo_weight=w), tiny_vit_cfg)
         out = trainer.step(images, torch.Generator().manual_seed(1), lr=1e-2, wd=0.0,
                            momentum=0.9, teacher_temp=0.04, freeze_last_layer=False)
         losses.append(out["loss"].item())

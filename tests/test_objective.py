@@ -8,13 +8,8 @@ import pytest
 import torch
 
 from dinobench.config import SMALL, ConfigError, recipe_identity
-from dinobench.dino.multicrop import MultiCropConfig
 from dinobench.dino.train import DINOTrainer
-
-
-def _trainer(recipe, vit_cfg) -> DINOTrainer:
-    crop = MultiCropConfig.from_recipe(recipe, 16, 4, (0.5,), (0.25,))
-    return DINOTrainer(recipe, vit_cfg, crop, seed=0, progress=False, log=lambda m: None)
+from helpers import tiny_trainer
 
 
 def _crops(trainer: DINOTrainer) -> list[torch.Tensor]:
@@ -50,11 +45,11 @@ def recipe(tiny_recipe):
 def test_dino_weight_zero_trains_on_koleo_alone(recipe, tiny_vit_cfg):
     """With the DINO loss off, the student's gradient is the KoLeo term's, recomputed in
     float64 on each global view; the head, which KoLeo does not reach, gets none."""
-    trainer = _trainer(recipe.replace(dino_weight=0.0, koleo_weight=0.5), tiny_vit_cfg)
+    trainer = tiny_trainer(recipe.replace(dino_weight=0.0, koleo_weight=0.5), tiny_vit_cfg)
     crops = _crops(trainer)
     got, _ = _step_gradients(trainer, crops)
 
-    fresh = _trainer(recipe.replace(dino_weight=0.0, koleo_weight=0.5),  # same init
+    fresh = tiny_trainer(recipe.replace(dino_weight=0.0, koleo_weight=0.5),  # same init
                      tiny_vit_cfg)
     params = dict(fresh.student.named_parameters())
     views = crops[0].chunk(recipe.n_global)
@@ -74,7 +69,7 @@ def test_dino_weight_scales_the_dino_term_only(recipe, tiny_vit_cfg):
     the logged loss stays DINO's, whatever its weight."""
     grads, losses = {}, {}
     for w in ((1.0, 0.0), (0.0, 0.3), (0.5, 0.3)):
-        trainer = _trainer(recipe.replace(dino_weight=w[0], koleo_weight=w[1]), tiny_vit_cfg)
+        trainer = tiny_trainer(recipe.replace(dino_weight=w[0], koleo_weight=w[1]), tiny_vit_cfg)
         crops = _crops(trainer)
         grads[w], losses[w] = _step_gradients(trainer, crops)
     for name, g in grads[0.5, 0.3].items():

@@ -14,11 +14,9 @@ import torch.multiprocessing as mp
 from dinobench.cli import main
 from dinobench.config import OFFICIAL, SEED
 from dinobench.dino.loss import dino_loss, dino_loss_from_probs, teacher_probs
-from dinobench.dino.multicrop import MultiCropConfig
 from dinobench.dino.sinkhorn import sinkhorn_knopp
-from dinobench.dino.train import DINOTrainer
 from dinobench.errors import ConfigError
-from helpers import one_line_error
+from helpers import one_line_error, tiny_trainer
 
 
 def reference(logits: np.ndarray, temp: float, n_iterations: int) -> np.ndarray:
@@ -157,11 +155,6 @@ def test_recipe_and_cli_check_the_centering_fields(tmp_path, capsys):
         assert expected in one_line_error(capsys.readouterr().err)
 
 
-def _trainer(recipe, vit_cfg, seed=0):
-    crop = MultiCropConfig.from_recipe(recipe, 16, 4, (0.5,), (0.25,))
-    return DINOTrainer(recipe, vit_cfg, crop, seed=seed, progress=False, log=lambda m: None)
-
-
 def test_trainer_in_sinkhorn_mode_trains_on_sinkhorn_targets(tiny_recipe, tiny_vit_cfg):
     """A few CPU steps give a finite loss and the diagnostics of balanced targets; the
     center, which Sinkhorn-Knopp ignores, does not change a thing (with momentum
@@ -170,7 +163,7 @@ def test_trainer_in_sinkhorn_mode_trains_on_sinkhorn_targets(tiny_recipe, tiny_v
     recipe = tiny_recipe.replace(centering="sinkhorn", teacher_temp=0.1)
     runs = []
     for center in (None, 3.0 * torch.randn(1, recipe.out_dim)):
-        trainer = _trainer(recipe, tiny_vit_cfg)
+        trainer = tiny_trainer(recipe, tiny_vit_cfg)
         targets = []
         forward_backward = trainer._forward_backward
 
@@ -200,9 +193,9 @@ def test_trainer_in_sinkhorn_mode_trains_on_sinkhorn_targets(tiny_recipe, tiny_v
     torch.testing.assert_close(q.double(), torch.from_numpy(expected), rtol=1e-4, atol=1e-5)
 
     momentum = tiny_recipe.replace(teacher_temp=0.1)
-    shifted = _trainer(momentum, tiny_vit_cfg)
+    shifted = tiny_trainer(momentum, tiny_vit_cfg)
     shifted.center = 3.0 * torch.randn(1, momentum.out_dim)
     shifted.fit(images)
-    unshifted = _trainer(momentum, tiny_vit_cfg)
+    unshifted = tiny_trainer(momentum, tiny_vit_cfg)
     unshifted.fit(images)
     assert shifted.history[0]["loss"] != unshifted.history[0]["loss"]

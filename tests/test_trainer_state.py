@@ -13,6 +13,7 @@ from dinobench.dino.model_setup import param_groups
 from dinobench.dino.multicrop import MultiCropConfig
 from dinobench.dino.train import DINOTrainer, Interrupted, resolved_precision
 from dinobench.errors import ConfigError
+from helpers import tiny_trainer
 
 
 def test_clip_per_tensor_matches_a_loop_over_tensors():
@@ -47,15 +48,10 @@ def test_weight_decay_only_on_weight_matrices(tiny_recipe, tiny_vit_cfg):
     assert groups[1]["weight_decay"] == 0.0
 
 
-def _trainer(recipe, cfg):
-    crop = MultiCropConfig.from_recipe(recipe, 16, 4, (0.5,), (0.25,))
-    return DINOTrainer(recipe, cfg, crop, seed=3, progress=False, log=lambda m: None)
-
-
 def test_a_state_saved_mid_epoch_continues_exactly(tiny_recipe, tiny_vit_cfg):
     recipe = tiny_recipe.replace(epochs=3, drop_path=0.2)  # drop path: the global RNG
     images = torch.randint(0, 256, (40, 1, 16, 16), dtype=torch.uint8)
-    straight = _trainer(recipe, tiny_vit_cfg)
+    straight = tiny_trainer(recipe, tiny_vit_cfg, seed=3)
     straight.fit(images)
 
     saved = {}
@@ -65,14 +61,14 @@ def test_a_state_saved_mid_epoch_continues_exactly(tiny_recipe, tiny_vit_cfg):
         calls["n"] += 1
         return calls["n"] > 7  # 5 steps an epoch: stops inside the second epoch
 
-    first = _trainer(recipe, tiny_vit_cfg)
+    first = tiny_trainer(recipe, tiny_vit_cfg, seed=3)
     try:
         first.fit(images, checkpoint=lambda tr: saved.update(tr.state_dict()),
                   should_stop=stop_after_7_steps)
     except Interrupted:
         pass
     assert saved["epoch"] == 1 and saved["pos"] == 2
-    second = _trainer(recipe, tiny_vit_cfg)  # a fresh process, in effect
+    second = tiny_trainer(recipe, tiny_vit_cfg, seed=3)  # a fresh process, in effect
     second.load_state_dict(saved)
     second.fit(images)
 
@@ -90,7 +86,7 @@ def test_a_state_saved_mid_epoch_continues_exactly(tiny_recipe, tiny_vit_cfg):
 def test_state_dict_covers_every_attribute_training_changes(tiny_recipe, tiny_vit_cfg):
     """A new attribute that training mutates must be saved, or be listed here as one that
     is rebuilt from the configuration. iBOT on, so its patch center exists."""
-    trainer = _trainer(tiny_recipe.replace(ibot_weight=1.0), tiny_vit_cfg)
+    trainer = tiny_trainer(tiny_recipe.replace(ibot_weight=1.0), tiny_vit_cfg, seed=3)
     rebuilt = {"recipe", "vit_cfg", "crop_cfg", "device", "seed", "progress", "log",
                "log_path", "on_epoch_end", "dist", "local_batch", "student_fwd",
                "teacher_fwd", "_eager_fwd", "_compile_unproven", "multicrop", "autocast"}
