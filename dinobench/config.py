@@ -56,6 +56,9 @@ class Recipe:
                              "features of each global view (DINOv2: 0.1): it pushes every "
                              "image away from its nearest neighbour in the batch, spreading "
                              "the features a k-NN reads; 0: off")
+    koleo_weight_end: float | None = _f(None, "where a half-cosine over the run takes the "
+                                        "KoLeo weight from --koleo-weight (like the "
+                                        "weight decay's); unset: a constant weight")
     dino_weight: float = _f(1.0, "weight of the DINO loss in the objective; 0 trains on "
                             "the KoLeo regulariser alone, an ablation that shows what the "
                             "features owe to self-distillation (the logged loss stays DINO's)")
@@ -189,6 +192,12 @@ class Recipe:
                   "clip_grad", "koleo_weight", "dino_weight", "ibot_weight"):
             v = getattr(self, f)
             need(v >= 0, f"--{_flag(f)} must not be negative, got {v}")
+        end = self.koleo_weight_end
+        need(end is None or (math.isfinite(end) and end >= 0),
+             f"--koleo-weight-end must be a finite number, not negative, got {end}")
+        need(end is None or self.koleo_weight > 0, "--koleo-weight-end schedules the KoLeo "
+             "weight from --koleo-weight, which is 0 (off); give --koleo-weight a positive "
+             "start, or drop --koleo-weight-end")
         need(self.dino_weight > 0 or self.koleo_weight > 0,
              "--dino-weight 0 leaves nothing to train without KoLeo; give --koleo-weight a "
              "positive value, or keep the DINO loss")
@@ -244,7 +253,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
 # without them stands for: kept out of a resume identity while they hold it, so runs made
 # before the field existed still resume.
 LATER_FIELDS = {"jitter_order": "fixed", "antialias": False, "rotation": 0.0,
-                "stroke_p": 0.0, "koleo_weight": 0.0, "stem": "patch", "elastic": 0.0,
+                "stroke_p": 0.0, "koleo_weight": 0.0, "koleo_weight_end": None, "stem": "patch",
+                "elastic": 0.0,
                 "dino_weight": 1.0, "ibot_weight": 0.0, "ibot_mask_ratio": (0.1, 0.5),
                 "ibot_mask_p": 0.5}
 
@@ -257,6 +267,9 @@ def recipe_identity(recipe: Recipe) -> dict:
 
 # Fields that may be None: "auto", decided per dataset by Recipe.for_dataset.
 AUTO_FIELDS = ("flip_p", "solarize_p")
+
+# Fields whose None means "not used" (the field's help says what stands in its place).
+UNSET_FIELDS = ("koleo_weight_end",)
 
 # Frozen features for k-NN and the probes (``--eval-feature``, not a recipe field), as the
 # results describe them.
@@ -370,10 +383,11 @@ def defaults_text(f: dataclasses.Field, show=str) -> str:
     """A field's value in each preset ("seed / official / small", or one value where
     they agree) and in the quick profile, for ``--help``; ``show`` formats a value."""
     values = [getattr(r, f.name) for r in RECIPES.values()]
-    if f.name == "epochs" or (None in values and f.name not in AUTO_FIELDS):
+    if f.name == "epochs" or (None in values and f.name not in AUTO_FIELDS + UNSET_FIELDS):
         text = "per dataset"
     else:
-        shown = ["auto" if v is None else show(v) for v in values]
+        shown = [("unset" if f.name in UNSET_FIELDS else "auto") if v is None else show(v)
+                 for v in values]
         text = shown[0] if len(set(shown)) == 1 else " / ".join(shown)
     quick = PROFILES["quick"].changes
     if f.name in quick:

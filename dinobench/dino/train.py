@@ -171,21 +171,25 @@ class DINOTrainer:
             "lr": cosine_schedule(peak_lr, r.min_lr, total, warmup),
             "wd": cosine_schedule(r.weight_decay, r.weight_decay_end, total),
             "momentum": cosine_schedule(r.teacher_momentum, 1.0, total),
+            "koleo": cosine_schedule(r.koleo_weight, r.koleo_weight if r.koleo_weight_end
+                                     is None else r.koleo_weight_end, total),
             "teacher_temp": teacher_temp_schedule(r.warmup_teacher_temp, r.teacher_temp,
                                                   r.warmup_teacher_temp_epochs, r.epochs),
         }
 
     # --- one step --------------------------------------------------------------------
     def step(self, batch: torch.Tensor, gen: torch.Generator, lr: float, wd: float,
-             momentum: float, teacher_temp: float, freeze_last_layer: bool) -> dict:
-        """One DINO step on a ``uint8`` batch. Returns device tensors (no sync)."""
+             momentum: float, teacher_temp: float, freeze_last_layer: bool,
+             koleo_weight: float | None = None) -> dict:
+        """One DINO step on a ``uint8`` batch, with the KoLeo weight of this step
+        (default: the recipe's). Returns device tensors (no sync)."""
         r = self.recipe
         crops = self.multicrop(batch, gen)
         masks = (patch_masks(crops[0].shape[0], self.vit_cfg.grid**2, r.ibot_mask_ratio,
                              r.ibot_mask_p, gen, self.device) if r.ibot_weight else None)
         try:
             teacher_out, targets, loss, teacher_patches = self._forward_backward(
-                crops, teacher_temp, masks)
+                crops, teacher_temp, masks, koleo_weight)
         except Exception as e:  # noqa: BLE001 - any compiler error, whatever its type
             if not self._compile_unproven:
                 raise
@@ -194,7 +198,7 @@ class DINOTrainer:
                      "in eager mode")
             self.student_fwd, self.teacher_fwd = self._eager_fwd
             teacher_out, targets, loss, teacher_patches = self._forward_backward(
-                crops, teacher_temp, masks)
+                crops, teacher_temp, masks, koleo_weight)
         self._compile_unproven = False
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -218,12 +222,14 @@ class DINOTrainer:
         return {"loss": loss.detach(), **diagnostics}
 
     def _forward_backward(self, crops: list[torch.Tensor], teacher_temp: float,
-                          masks: torch.Tensor | None = None):
+                          masks: torch.Tensor | None = None,
+                          koleo_weight: float | None = None):
         """Teacher and student forward, the loss, fresh student gradients. Returns the
         teacher logits, the targets the loss used (probabilities), the DINO loss and,
         with iBOT's ``masks`` (hidden patches of the global views), the teacher's patch
         logits (else None)."""
         r = self.recipe
+        koleo_weight = r.koleo_weight if koleo_weight is None else koleo_weight
         teacher_patches = None
         with self.autocast:
             if masks is not None:  # the teacher sees every patch, the student the masked views
@@ -249,9 +255,10 @@ class DINOTrainer:
         objective = r.dino_weight * loss
         if r.koleo_weight:  # per global view, as DINOv2: two views of one image are close
             # by design, so each view's neighbours are other images. The logged loss stays
-            # DINO's, comparable across recipes.
+            # DINO's, comparable across recipes. (A schedule that ends at 0 still computes
+            # the features: the forward stays one shape for the whole run.)
             views = features[:crops[0].shape[0]].chunk(r.n_global)
-            objective = objective + r.koleo_weight * sum(koleo_loss(v) for v in views)
+            objective = objective + koleo_weight * sum(koleo_loss(v) for v in views)
         if masks is not None:
             objective = objective + r.ibot_weight * ibot_loss(
                 student_patches, teacher_patches, self.patch_center, masks,
@@ -338,7 +345,8 @@ class DINOTrainer:
                 out = self.step(batch, self.aug_gen, float(sched["lr"][s]),
                                 float(sched["wd"][s]), float(sched["momentum"][s]),
                                 float(sched["teacher_temp"][epoch]),
-                                epoch < r.freeze_last_layer_epochs)
+                                epoch < r.freeze_last_layer_epochs,
+                                koleo_weight=float(sched["koleo"][s]))
                 self.stats.add(out)
                 self.step_count += 1
                 self.pos = i + 1
@@ -389,6 +397,8 @@ class DINOTrainer:
             "weight_decay": float(sched["wd"][s]),
             "teacher_momentum": float(sched["momentum"][s]),
             "teacher_temp": float(sched["teacher_temp"][self.epoch]),
+            **({"koleo_weight": float(sched["koleo"][s])}
+               if self.recipe.koleo_weight_end is not None else {}),
             "images_per_s": timed_steps * self.recipe.batch_size / max(seconds, 1e-9),
             "seconds": seconds,
         }
