@@ -49,6 +49,10 @@ class Recipe:
     head_bottleneck_dim: int = _f(256, "bottleneck of the official head, before L2 norm")
     head_bn: bool = _f(False, "official head: BatchNorm (batch statistics) after each hidden "
                               "layer, which keeps the teacher's outputs apart on small data")
+    norm_last_layer: bool = _f(True, "official head: the last layer's weight norm fixed at "
+                               "1, so the logits are cosines; --no-norm-last-layer learns "
+                               "it per output (the reference code's ViT-S/16 setting), and "
+                               "with it the logits' scale")
     freeze_last_layer_epochs: int = _f(1, "official head: its last layer is not updated "
                                           "during these first epochs")
     # --- sharpening and centering ---
@@ -167,6 +171,9 @@ class Recipe:
         need(not (self.head_bn and self.head == "seed"),
              "--head-bn needs --head official: the seed head is one linear map, with no "
              "hidden layer to normalise")
+        need(self.norm_last_layer or self.head == "official",
+             "--no-norm-last-layer needs --head official: the seed head is one linear map, "
+             "with no weight-normalised last layer")
         for f, names in CHOICES.items():
             v = getattr(self, f)
             need(v in names, f"--{_flag(f)} must be one of {', '.join(names)}, got {v!r}")
@@ -256,7 +263,7 @@ LATER_FIELDS = {"jitter_order": "fixed", "antialias": False, "rotation": 0.0,
                 "stroke_p": 0.0, "koleo_weight": 0.0, "koleo_weight_end": None, "stem": "patch",
                 "elastic": 0.0,
                 "dino_weight": 1.0, "ibot_weight": 0.0, "ibot_mask_ratio": (0.1, 0.5),
-                "ibot_mask_p": 0.5}
+                "ibot_mask_p": 0.5, "norm_last_layer": True}
 
 
 def recipe_identity(recipe: Recipe) -> dict:

@@ -41,13 +41,17 @@ class DINOHead(nn.Module):
     student learns to be uniform too (the uniform collapse). Normalising over the batch
     scales those small differences up to unit variance.
 
-    The last layer's weight norm g is fixed at 1 (the reference code's
-    ``norm_last_layer=True``), so the layer is ``F.linear(x, V / ||V||_row)``: writing it
-    out keeps the module free of ``weight_norm`` hooks and friendly to ``torch.compile``.
+    The last layer is weight-normalised: row k is ``g_k V_k / ||V_k||``, written out so
+    the module stays free of ``weight_norm`` hooks and friendly to ``torch.compile``. With
+    ``norm_last_layer`` (the reference code's default) every ``g_k`` is fixed at 1, so the
+    logits are cosines in [-1, 1]. Without it ``g`` is a parameter ``(K, 1)`` that starts
+    at 1 and is learnt (the reference code's setting for ViT-S/16): the logits' scale, and
+    so how sharp the teacher can be at a given temperature, is learnt with it.
     """
 
     def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048,
-                 bottleneck_dim: int = 256, batch_norm: bool = False):
+                 bottleneck_dim: int = 256, batch_norm: bool = False,
+                 norm_last_layer: bool = True):
         super().__init__()
         if out_dim < 2:
             raise ValueError(f"out_dim (K) must be at least 2, got {out_dim}")
@@ -66,25 +70,36 @@ class DINOHead(nn.Module):
                 nn.init.zeros_(m.bias)
         self.last_layer_v = nn.Parameter(torch.empty(out_dim, bottleneck_dim))
         nn.init.kaiming_uniform_(self.last_layer_v, a=5**0.5)  # nn.Linear's default
+        # Only without norm_last_layer: a fixed g would be a state-dict entry that older
+        # checkpoints lack.
+        self.last_layer_g = (None if norm_last_layer
+                             else nn.Parameter(torch.ones(out_dim, 1)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.normalize(self.mlp(x), dim=-1)
-        return F.linear(x, F.normalize(self.last_layer_v, dim=-1))
+        w = F.normalize(self.last_layer_v, dim=-1)
+        return F.linear(x, w if self.last_layer_g is None else self.last_layer_g * w)
 
     def last_layer_parameters(self) -> list[nn.Parameter]:
         """Parameters kept frozen during the first epoch(s), which stabilises training."""
-        return [self.last_layer_v]
+        return [self.last_layer_v] + ([] if self.last_layer_g is None
+                                      else [self.last_layer_g])
 
 
 def build_head(kind: str, in_dim: int, out_dim: int, hidden_dim: int = 2048,
-               bottleneck_dim: int = 256, batch_norm: bool = False) -> nn.Module:
+               bottleneck_dim: int = 256, batch_norm: bool = False,
+               norm_last_layer: bool = True) -> nn.Module:
     if kind == "seed":
         if batch_norm:
             raise ValueError("batch norm is an option of the official head's MLP; the "
                              "seed head is one linear map")
+        if not norm_last_layer:
+            raise ValueError("norm_last_layer is an option of the official head's last "
+                             "layer; the seed head is one linear map")
         return SeedHead(in_dim, out_dim)
     if kind == "official":
-        return DINOHead(in_dim, out_dim, hidden_dim, bottleneck_dim, batch_norm)
+        return DINOHead(in_dim, out_dim, hidden_dim, bottleneck_dim, batch_norm,
+                        norm_last_layer)
     raise ValueError(f"unknown head {kind!r}; choose 'seed' or 'official'")
 
 

@@ -25,7 +25,7 @@ def build_student_teacher(recipe: Recipe, vit_cfg: ViTConfig) -> tuple[DINOModel
     student = DINOModel(
         ViT(dataclasses.replace(vit_cfg, drop_path=recipe.drop_path)),
         build_head(recipe.head, vit_cfg.dim, recipe.out_dim, recipe.head_hidden_dim,
-                   recipe.head_bottleneck_dim, recipe.head_bn),
+                   recipe.head_bottleneck_dim, recipe.head_bn, recipe.norm_last_layer),
     )
     teacher = copy.deepcopy(student)
     for block in teacher.backbone.blocks:
