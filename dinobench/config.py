@@ -50,9 +50,9 @@ class Recipe:
     head_bn: bool = _f(False, "official head: BatchNorm (batch statistics) after each hidden "
                               "layer, which keeps the teacher's outputs apart on small data")
     norm_last_layer: bool = _f(True, "official head: the last layer's weight norm fixed at "
-                               "1, so the logits are cosines; --no-norm-last-layer learns "
-                               "it per output (the reference code's ViT-S/16 setting), and "
-                               "with it the logits' scale")
+                               "1, so the logits are cosines; off, it is learnt per output "
+                               "(the reference code's ViT-S/16 setting), and with it the "
+                               "logits' scale")
     freeze_last_layer_epochs: int = _f(1, "official head: its last layer is not updated "
                                           "during these first epochs")
     # --- sharpening and centering ---
@@ -60,9 +60,10 @@ class Recipe:
                              "features of each global view (DINOv2: 0.1): it pushes every "
                              "image away from its nearest neighbour in the batch, spreading "
                              "the features a k-NN reads; 0: off")
-    koleo_weight_end: float | None = _f(None, "where a half-cosine over the run takes the "
-                                        "KoLeo weight from --koleo-weight (like the "
-                                        "weight decay's); unset: a constant weight")
+    koleo_weight_end: float | None = _f(None, "the KoLeo weight at the end of the run, "
+                                        "reached by a half-cosine from --koleo-weight "
+                                        "(which must be above 0), as --weight-decay-end; "
+                                        "unset: a constant weight")
     dino_weight: float = _f(1.0, "weight of the DINO loss in the objective; 0 trains on "
                             "the KoLeo regulariser alone, an ablation that shows what the "
                             "features owe to self-distillation (the logged loss stays DINO's)")
@@ -172,8 +173,8 @@ class Recipe:
              "--head-bn needs --head official: the seed head is one linear map, with no "
              "hidden layer to normalise")
         need(self.norm_last_layer or self.head == "official",
-             "--no-norm-last-layer needs --head official: the seed head is one linear map, "
-             "with no weight-normalised last layer")
+             "turning --norm-last-layer off needs --head official: the seed head is one "
+             "linear map, with no weight-normalised last layer")
         for f, names in CHOICES.items():
             v = getattr(self, f)
             need(v in names, f"--{_flag(f)} must be one of {', '.join(names)}, got {v!r}")

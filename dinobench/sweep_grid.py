@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass, field
 
 from . import config
-from .config import AUTO_FIELDS, RECIPES, defaults_text, recipe_fields
+from .config import AUTO_FIELDS, RECIPES, UNSET_FIELDS, defaults_text, recipe_fields
 from .errors import ConfigError
 
 # Recipe fields that set the length of a run rather than its recipe: presets added with
@@ -107,8 +107,10 @@ def parse_values(f: dataclasses.Field, tokens: list[str]) -> list:
                 raise ConfigError(f"{flag(f.name)}: {t!r} is not true or false")
             values.append(t.lower() in _TRUE)
     elif kind in ("int", "float"):
-        # 'auto' (None) where the field allows it: decided per dataset by the recipe.
-        values = [None if t == "auto" and f.name in AUTO_FIELDS else _number(f, t, kind)
+        # 'auto' (None) where the field allows it: decided per dataset by the recipe;
+        # 'unset' (None) where None means "not used", so one sweep can compare the two.
+        values = [None if (t == "auto" and f.name in AUTO_FIELDS)
+                  or (t == "unset" and f.name in UNSET_FIELDS) else _number(f, t, kind)
                   for t in tokens]
     else:  # str: a choice among names
         choices = _choices(f.name)

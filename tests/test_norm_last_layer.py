@@ -74,7 +74,7 @@ def test_g_is_weight_decayed_as_the_reference_code_does(tiny_recipe, tiny_vit_cf
 def test_seed_head_refuses_it():
     with pytest.raises(ValueError, match="norm_last_layer"):
         build_head("seed", 8, 3, norm_last_layer=False)
-    with pytest.raises(ConfigError, match="--no-norm-last-layer needs --head official"):
+    with pytest.raises(ConfigError, match="--norm-last-layer off needs --head official"):
         SMALL.replace(head="seed", head_bn=False, norm_last_layer=False).validate()
     SMALL.replace(norm_last_layer=False).validate()
 

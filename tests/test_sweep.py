@@ -89,6 +89,14 @@ def test_booleans():
         "local_from_global=false"
 
 
+def test_unset_compares_a_constant_koleo_weight_with_a_scheduled_one():
+    assert parse_values(FIELDS["koleo_weight_end"], ["unset", "0"]) == [None, 0.0]
+    with pytest.raises(ConfigError, match="--teacher-temp: 'unset' is not a number"):
+        parse_values(FIELDS["teacher_temp"], ["unset"])  # only where None means unused
+    with pytest.raises(ConfigError, match="--flip-p: 'unset' is not a number"):
+        parse_values(FIELDS["flip_p"], ["unset"])  # there None is 'auto'
+
+
 def test_compare_recipes_adds_presets_unchanged_but_for_the_budget():
     variants = expand("seed", {"depth": [1], "teacher_temp": [0.02, 0.04], "epochs": [5]},
                       compare=["seed", "official"])

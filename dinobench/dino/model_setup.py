@@ -39,7 +39,9 @@ def param_groups(model: nn.Module) -> list[dict]:
     """Weight decay on weight matrices only: not on biases, norms, the CLS token or the
     positional embeddings. The DINO reference code decays the last two as well (it skips
     only 1-D tensors); here they, and iBOT's mask token, count as vectors of the token
-    space, not as maps."""
+    space, not as maps. The head's learnt last-layer weight norm g ``(K, 1)``
+    (``--no-norm-last-layer``) is decayed, as the reference code decays its
+    ``weight_g``."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:

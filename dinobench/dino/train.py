@@ -182,7 +182,8 @@ class DINOTrainer:
              momentum: float, teacher_temp: float, freeze_last_layer: bool,
              koleo_weight: float | None = None) -> dict:
         """One DINO step on a ``uint8`` batch, with the KoLeo weight of this step
-        (default: the recipe's). Returns device tensors (no sync)."""
+        (default: the recipe's; a recipe without KoLeo has none, whatever is given).
+        Returns device tensors (no sync)."""
         r = self.recipe
         crops = self.multicrop(batch, gen)
         masks = (patch_masks(crops[0].shape[0], self.vit_cfg.grid**2, r.ibot_mask_ratio,
