@@ -34,12 +34,19 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=40, help="supervised epochs over the bank")
     p.add_argument("--pos-embed-std", type=float, default=None)
     p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--grid", type=int, default=None, help="patches per side")
+    p.add_argument("--elastic", type=float, default=None,
+                   help="elastic distortion of the crops, as the recipe flag")
+    p.add_argument("--lr", type=float, default=SupervisedConfig.lr,
+                   help="peak learning rate per 256 images")
+    p.add_argument("--batch-size", type=int, default=SupervisedConfig.batch_size)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
     ds = load_dataset(args.dataset, data_dir=args.data_dir, train_subset=args.train_subset)
     changes = {k: v for k, v in (("pos_embed_std", args.pos_embed_std),
-                                 ("image_size", args.image_size)) if v is not None}
+                                 ("image_size", args.image_size), ("grid", args.grid),
+                                 ("elastic", args.elastic)) if v is not None}
     recipe = get_recipe(args.recipe).replace(**changes).for_dataset(ds.spec.natural_images)
     size = recipe.image_size or ds.spec.image_size
     cfg = ViTConfig.for_recipe(recipe, size, recipe.grid or ds.spec.grid, ds.spec.channels)
@@ -50,7 +57,8 @@ def main() -> None:
     result = train_supervised(
         cfg, crops, ds.train_images[bank], ds.train_labels[bank], ds.train_images[val],
         ds.train_labels[val], num_classes=ds.spec.num_classes, seed=args.seed, log=print,
-        cfg=SupervisedConfig(epochs=args.epochs, warmup_epochs=1,
+        cfg=SupervisedConfig(epochs=args.epochs, warmup_epochs=1, lr=args.lr,
+                             batch_size=args.batch_size,
                              eval_every=max(1, args.epochs // 5)))
     backbone = result.model.backbone
     f_bank = extract_features(backbone, ds.train_images[bank], ds.spec.mean, ds.spec.std)
