@@ -261,10 +261,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
 # without them stands for: kept out of a resume identity while they hold it, so runs made
 # before the field existed still resume.
 LATER_FIELDS = {"jitter_order": "fixed", "antialias": False, "rotation": 0.0,
-                "stroke_p": 0.0, "koleo_weight": 0.0, "koleo_weight_end": None, "stem": "patch",
-                "elastic": 0.0,
+                "stroke_p": 0.0, "koleo_weight": 0.0, "stem": "patch", "elastic": 0.0,
                 "dino_weight": 1.0, "ibot_weight": 0.0, "ibot_mask_ratio": (0.1, 0.5),
-                "ibot_mask_p": 0.5, "norm_last_layer": True}
+                "ibot_mask_p": 0.5, "koleo_weight_end": None, "norm_last_layer": True}
 
 
 def recipe_identity(recipe: Recipe) -> dict:
