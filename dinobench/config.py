@@ -64,6 +64,12 @@ class Recipe:
                                         "reached by a half-cosine from --koleo-weight "
                                         "(which must be above 0), as --weight-decay-end; "
                                         "unset: a constant weight")
+    align_weight: float = _f(0.0, "weight of a feature-alignment term: the squared distance "
+                             "between each student view's L2-normalised CLS feature and "
+                             "the teacher's of every other global view (the DINO loss's "
+                             "pairs), the teacher's held fixed; the agreement DINO asks "
+                             "of the head's outputs, asked of the features a k-NN reads. "
+                             "It collapses alone: use it beside --koleo-weight; 0: off")
     dino_weight: float = _f(1.0, "weight of the DINO loss in the objective; 0 trains on "
                             "the KoLeo regulariser alone, an ablation that shows what the "
                             "features owe to self-distillation (the logged loss stays DINO's)")
@@ -197,7 +203,8 @@ class Recipe:
              f"--blur-p values must lie in [0, 1], got {self.blur_p}")
         for f in ("n_local", "warmup_epochs", "warmup_teacher_temp_epochs",
                   "freeze_last_layer_epochs", "min_lr", "weight_decay", "weight_decay_end",
-                  "clip_grad", "koleo_weight", "dino_weight", "ibot_weight"):
+                  "clip_grad", "koleo_weight", "dino_weight", "ibot_weight",
+                  "align_weight"):
             v = getattr(self, f)
             need(v >= 0, f"--{_flag(f)} must not be negative, got {v}")
         end = self.koleo_weight_end
@@ -206,6 +213,8 @@ class Recipe:
         need(end is None or self.koleo_weight > 0, "--koleo-weight-end schedules the KoLeo "
              "weight from --koleo-weight, which is 0 (off); give --koleo-weight a positive "
              "start, or drop --koleo-weight-end")
+        need(not self.align_weight or self.koleo_weight > 0, "--align-weight alone pulls "
+             "every image to one point; give --koleo-weight a positive value beside it")
         need(self.dino_weight > 0 or self.koleo_weight > 0,
              "--dino-weight 0 leaves nothing to train without KoLeo; give --koleo-weight a "
              "positive value, or keep the DINO loss")
@@ -236,7 +245,7 @@ class Recipe:
             need(v is None or v >= 1, f"--{_flag(f)} must be at least 1, got {v}")
         for f in ("blur_sigma", "local_size_ratio", "jitter", "clip_grad", "min_lr",
                   "weight_decay", "weight_decay_end", "koleo_weight", "dino_weight",
-                  "ibot_weight", "ibot_mask_ratio"):
+                  "ibot_weight", "ibot_mask_ratio", "align_weight"):
             v = getattr(self, f)
             need(all(math.isfinite(x) for x in (v if isinstance(v, tuple) else (v,))),
                  f"--{_flag(f)} must be a finite number (no inf or nan), got {v}")
@@ -263,7 +272,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
 LATER_FIELDS = {"jitter_order": "fixed", "antialias": False, "rotation": 0.0,
                 "stroke_p": 0.0, "koleo_weight": 0.0, "stem": "patch", "elastic": 0.0,
                 "dino_weight": 1.0, "ibot_weight": 0.0, "ibot_mask_ratio": (0.1, 0.5),
-                "ibot_mask_p": 0.5, "koleo_weight_end": None, "norm_last_layer": True}
+                "ibot_mask_p": 0.5, "koleo_weight_end": None, "norm_last_layer": True,
+                "align_weight": 0.0}
 
 
 def recipe_identity(recipe: Recipe) -> dict:

@@ -1,4 +1,4 @@
-"""Shared pieces for tests that run the CLI end to end."""
+"""Shared pieces for the tests: the CLI end to end, tiny trainers, one step's gradients."""
 
 from __future__ import annotations
 
@@ -101,3 +101,28 @@ def tiny_trainer(recipe, vit_cfg, seed: int = 0):
 
     crop = MultiCropConfig.from_recipe(recipe, 16, 4, (0.5,), (0.25,))
     return DINOTrainer(recipe, vit_cfg, crop, seed=seed, progress=False, log=lambda m: None)
+
+
+def step_crops(trainer) -> list[torch.Tensor]:
+    """The multi-crop views of 8 random 16-px images, from fixed generators."""
+    images = torch.randint(0, 256, (8, 1, 16, 16), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    return trainer.multicrop(images, torch.Generator().manual_seed(1))
+
+
+def step_gradients(trainer, crops) -> tuple[dict[str, torch.Tensor], float]:
+    """The student's gradients after the trainer's own forward and backward, and the
+    loss it logs."""
+    loss = trainer._forward_backward(crops, teacher_temp=0.04)[2].item()
+    return {n: torch.zeros_like(p) if p.grad is None else p.grad.clone()
+            for n, p in trainer.student.named_parameters()}, loss
+
+
+def koleo_float64(features: torch.Tensor) -> torch.Tensor:
+    """-mean_i log(min_{j != i} ||x_i - x_j|| + 1e-8) of the L2-normalised rows, from the
+    full table of pairwise distances in float64."""
+    x = features.double()
+    x = x / x.norm(dim=1, keepdim=True)
+    d = (x[:, None, :] - x[None, :, :]).pow(2).sum(-1).add(1e-30).sqrt()
+    d = d + torch.diag(torch.full((len(x),), float("inf"), dtype=x.dtype))
+    return -torch.log(d.min(dim=1).values + 1e-8).mean()

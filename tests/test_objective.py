@@ -8,32 +8,7 @@ import pytest
 import torch
 
 from dinobench.config import SMALL, ConfigError, recipe_identity
-from dinobench.dino.train import DINOTrainer
-from helpers import tiny_trainer
-
-
-def _crops(trainer: DINOTrainer) -> list[torch.Tensor]:
-    images = torch.randint(0, 256, (8, 1, 16, 16), dtype=torch.uint8,
-                           generator=torch.Generator().manual_seed(0))
-    return trainer.multicrop(images, torch.Generator().manual_seed(1))
-
-
-def _step_gradients(trainer: DINOTrainer, crops) -> tuple[dict[str, torch.Tensor], float]:
-    """The student's gradients after the trainer's own forward and backward, and the
-    loss it logs."""
-    loss = trainer._forward_backward(crops, teacher_temp=0.04)[2].item()
-    return {n: torch.zeros_like(p) if p.grad is None else p.grad.clone()
-            for n, p in trainer.student.named_parameters()}, loss
-
-
-def _koleo_float64(features: torch.Tensor) -> torch.Tensor:
-    """-mean_i log(min_{j != i} ||x_i - x_j|| + 1e-8) of the L2-normalised rows, from the
-    full table of pairwise distances in float64."""
-    x = features.double()
-    x = x / x.norm(dim=1, keepdim=True)
-    d = (x[:, None, :] - x[None, :, :]).pow(2).sum(-1).add(1e-30).sqrt()
-    d = d + torch.diag(torch.full((len(x),), float("inf"), dtype=x.dtype))
-    return -torch.log(d.min(dim=1).values + 1e-8).mean()
+from helpers import koleo_float64, step_crops, step_gradients, tiny_trainer
 
 
 @pytest.fixture
@@ -46,14 +21,14 @@ def test_dino_weight_zero_trains_on_koleo_alone(recipe, tiny_vit_cfg):
     """With the DINO loss off, the student's gradient is the KoLeo term's, recomputed in
     float64 on each global view; the head, which KoLeo does not reach, gets none."""
     trainer = tiny_trainer(recipe.replace(dino_weight=0.0, koleo_weight=0.5), tiny_vit_cfg)
-    crops = _crops(trainer)
-    got, _ = _step_gradients(trainer, crops)
+    crops = step_crops(trainer)
+    got, _ = step_gradients(trainer, crops)
 
     fresh = tiny_trainer(recipe.replace(dino_weight=0.0, koleo_weight=0.5),  # same init
                      tiny_vit_cfg)
     params = dict(fresh.student.named_parameters())
     views = crops[0].chunk(recipe.n_global)
-    expected = 0.5 * sum(_koleo_float64(fresh.student.backbone(v)) for v in views)
+    expected = 0.5 * sum(koleo_float64(fresh.student.backbone(v)) for v in views)
     grads = torch.autograd.grad(expected, list(params.values()), allow_unused=True)
     for (name, p), g in zip(params.items(), grads):
         want = torch.zeros_like(p) if g is None else g.float()
@@ -70,8 +45,8 @@ def test_dino_weight_scales_the_dino_term_only(recipe, tiny_vit_cfg):
     grads, losses = {}, {}
     for w in ((1.0, 0.0), (0.0, 0.3), (0.5, 0.3)):
         trainer = tiny_trainer(recipe.replace(dino_weight=w[0], koleo_weight=w[1]), tiny_vit_cfg)
-        crops = _crops(trainer)
-        grads[w], losses[w] = _step_gradients(trainer, crops)
+        crops = step_crops(trainer)
+        grads[w], losses[w] = step_gradients(trainer, crops)
     for name, g in grads[0.5, 0.3].items():
         torch.testing.assert_close(g, 0.5 * grads[1.0, 0.0][name] + grads[0.0, 0.3][name],
                                    atol=1e-6, rtol=1e-4, msg=name)

@@ -30,6 +30,7 @@ from ..distributed import SINGLE, DistInfo, any_rank, gather_objects
 from ..errors import ConfigError
 from ..io import atomic_write_text
 from ..vit import ViTConfig
+from .align import alignment_loss
 from .center import update_center
 from .clip import clip_per_tensor_
 from .ema import ema_update_
@@ -234,11 +235,16 @@ class DINOTrainer:
         teacher_patches = None
         with self.autocast:
             if masks is not None:  # the teacher sees every patch, the student the masked views
-                teacher_out, _, teacher_patches = self.teacher_fwd(crops[:1], patches=True)
+                teacher_out, teacher_features, teacher_patches = self.teacher_fwd(
+                    crops[:1], patches=True)
                 student_out, features, student_patches = self.student_fwd(
                     crops, return_features=True, patches=True, masks=masks)
-            else:
-                teacher_out = self.teacher_fwd(crops[:1])  # global views only
+            else:  # the teacher sees the global views only
+                if r.align_weight:
+                    teacher_out, teacher_features = self.teacher_fwd(crops[:1],
+                                                                     return_features=True)
+                else:
+                    teacher_out = self.teacher_fwd(crops[:1])
                 if r.koleo_weight:
                     student_out, features = self.student_fwd(crops, return_features=True)
                 else:
@@ -260,6 +266,9 @@ class DINOTrainer:
             # the features: the forward stays one shape for the whole run.)
             views = features[:crops[0].shape[0]].chunk(r.n_global)
             objective = objective + koleo_weight * sum(koleo_loss(v) for v in views)
+        if r.align_weight:  # needs KoLeo (validate), so the student's features are here
+            objective = objective + r.align_weight * alignment_loss(
+                features, teacher_features, r.n_global)
         if masks is not None:
             objective = objective + r.ibot_weight * ibot_loss(
                 student_patches, teacher_patches, self.patch_center, masks,
