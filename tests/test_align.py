@@ -111,3 +111,21 @@ def test_resume_identity_leaves_it_out_at_zero():
     assert "align_weight" not in recipe_identity(SMALL)
     assert recipe_identity(SMALL.replace(align_weight=0.5, koleo_weight=1.0))[
         "align_weight"] == 0.5
+
+
+def test_with_ibot_masks_hiding_nothing_it_is_the_plain_path(tiny_recipe, tiny_vit_cfg):
+    """Under iBOT the teacher's features come from its patch-token forward; with masks
+    that hide nothing that path must give the alignment (and everything else) the same
+    gradient as the trainer without iBOT, whose gradient the test above checks."""
+    recipe = tiny_recipe.replace(drop_path=0.0, koleo_weight=0.5, align_weight=2.0)
+    with_ibot = tiny_trainer(recipe.replace(ibot_weight=1.0), tiny_vit_cfg)
+    plain = tiny_trainer(recipe, tiny_vit_cfg)
+    crops = step_crops(plain)
+    none = torch.zeros(crops[0].shape[0], tiny_vit_cfg.grid ** 2, dtype=torch.bool)
+    with_ibot._forward_backward(crops, 0.04, none)
+    plain._forward_backward(crops, 0.04)
+    a = dict(with_ibot.student.named_parameters())
+    for name, p in plain.student.named_parameters():
+        want = torch.zeros_like(p) if p.grad is None else p.grad
+        got = torch.zeros_like(p) if a[name].grad is None else a[name].grad
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5, msg=name)
