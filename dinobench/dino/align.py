@@ -7,7 +7,7 @@ When the teacher's outputs are nearly uniform per image (as on small data, where
 tenths of a nat separate one image's target from another's), that agreement puts little
 pull on the backbone, and the k-NN reads the backbone. This term asks for the agreement
 in the space the k-NN reads. On its own it collapses (every image to one point); beside
-KoLeo, which spreads the batch, the two are a uniformity-plus-alignment objective.
+KoLeo, which spreads the batch, the two are an alignment-plus-uniformity objective.
 """
 
 from __future__ import annotations

@@ -245,7 +245,7 @@ class DINOTrainer:
                                                                      return_features=True)
                 else:
                     teacher_out = self.teacher_fwd(crops[:1])
-                if r.koleo_weight:
+                if r.koleo_weight or r.align_weight:
                     student_out, features = self.student_fwd(crops, return_features=True)
                 else:
                     student_out = self.student_fwd(crops)
@@ -266,7 +266,7 @@ class DINOTrainer:
             # the features: the forward stays one shape for the whole run.)
             views = features[:crops[0].shape[0]].chunk(r.n_global)
             objective = objective + koleo_weight * sum(koleo_loss(v) for v in views)
-        if r.align_weight:  # needs KoLeo (validate), so the student's features are here
+        if r.align_weight:
             objective = objective + r.align_weight * alignment_loss(
                 features, teacher_features, r.n_global)
         if masks is not None:
