@@ -107,7 +107,10 @@ def unit_summary(rows: list[dict], history: list[dict], levels) -> dict:
     reasons = [r.get("collapse_reason") or "collapsed" for r in dino if r.get("collapsed")]
     rate = by_metric.get("images_per_s", {}).get("value")
     spent = by_metric.get("train_seconds", {}).get("value")
+    scored = by_metric.get("val_knn_top1" if split == "validation" else "knn_top1", {})
+    n_eval = scored.get("n_val" if split == "validation" else "n_test")
     return {"knn": None if knn is None else float(knn), "split": split, "time_to": times,
+            "n_eval": None if n_eval is None else int(n_eval),
             "collapsed": bool(reasons), "collapse_reason": reasons[0] if reasons else "",
             "images_per_s": images_per_s(history) if rate is None else float(rate),
             "train_seconds": train_seconds(history) if spent is None else float(spent),
@@ -137,6 +140,7 @@ def aggregate(dataset: str, variant: dict, units: list[dict], levels) -> dict:
             "seeds": len(units), "knn_split": "/".join(sorted({u["split"] for u in units})),
             "knn_median": _median(knns), "knn_min": min(knns) if knns else None,
             "knn_max": max(knns) if knns else None, "time_to_knn": time_cols,
+            "n_eval": _median([u.get("n_eval") for u in units]),
             "collapsed": sum(u["collapsed"] for u in units), "collapse_reasons": reasons,
             "images_per_s": _median([u["images_per_s"] for u in units]),
             "train_seconds": _median([u["train_seconds"] for u in units]),
@@ -168,6 +172,25 @@ def _time_cell(cell: dict, seeds: int) -> str:
     return f"{cell['median_seconds']:,.1f}{missed}"
 
 
+def standard_error(accuracy: float, n: int) -> float:
+    """Binomial standard error, in points, of an accuracy (%) measured on ``n`` images:
+    how far the score on these images may sit from the same model's on new ones."""
+    p = accuracy / 100.0
+    return 100.0 * math.sqrt(p * (1.0 - p) / n)
+
+
+def _noise_sentence(mine: list[dict]) -> str:
+    """The split's sampling error at the median score, when the runs recorded its size
+    (older results did not): differences of a few tenths on 1,000 images are noise, and
+    a table of medians does not say so by itself."""
+    n = _median([s.get("n_eval") for s in mine])
+    knn = _median([s["knn_median"] for s in mine])
+    if not n or knn is None:
+        return ""
+    return (f" On these {int(n):,} images a score near the median ({knn:.1f}%) carries a "
+            f"binomial standard error of {standard_error(knn, int(n)):.2f} points.")
+
+
 def markdown(lines: list[dict], levels: dict[str, tuple], header: str = "") -> str:
     """One table per dataset (``levels``: its k-NN levels), best variant first."""
     out = [header] if header else []
@@ -179,7 +202,7 @@ def markdown(lines: list[dict], levels: dict[str, tuple], header: str = "") -> s
                    f"{' / '.join(splits)} split, beside a random-init ViT of the same shape"
                    + (f" (raw pixels: {pixels:.2f})" if pixels is not None else "")
                    + "; seconds are training seconds (evaluation excluded), medians over "
-                   "seeds.\n")
+                   "seeds." + _noise_sentence(mine) + "\n")
         head = (["variant", "seeds", "k-NN median", "k-NN min–max", "random-init"]
                 + [f"s to {_level_key(lv)}%" for lv in levels[dataset]]
                 + ["collapsed", "images/s", "train s"])

@@ -67,7 +67,8 @@ def main() -> None:
         read_x, read_y, split = ds.train_images[val], ds.train_labels[val], "validation"
     start = time.perf_counter()
     result = train_supervised(
-        cfg, crops, fit_x, fit_y, read_x, read_y, num_classes=ds.spec.num_classes, seed=args.seed, log=print,
+        cfg, crops, fit_x, fit_y, read_x, read_y, num_classes=ds.spec.num_classes,
+        seed=args.seed, log=print,
         cfg=SupervisedConfig(epochs=args.epochs, warmup_epochs=1, lr=args.lr,
                              batch_size=args.batch_size,
                              eval_every=max(1, args.epochs // 5)))

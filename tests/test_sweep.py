@@ -203,6 +203,30 @@ def test_aggregate_median_spread_and_misses():
     assert "(raw pixels: 90.00)" in md
 
 
+def test_unit_summary_records_the_size_of_the_scored_split():
+    rows = [{"model": "dino-seed", "metric": "val_knn_top1", "value": 71.5, "n_val": 1000,
+             "n_test": 10000}]
+    assert unit_summary(rows, [], levels=())["n_eval"] == 1000
+    rows = [{"model": "dino-seed", "metric": "knn_top1", "value": 64.0, "n_test": 500}]
+    assert unit_summary(rows, [], levels=())["n_eval"] == 500
+    older = [{"model": "dino-seed", "metric": "val_knn_top1", "value": 71.5}]
+    assert unit_summary(older, [], levels=())["n_eval"] is None
+
+
+def test_the_table_states_the_splits_sampling_error():
+    units = [{**_unit(knn, 10.0, 20.0), "n_eval": 1000} for knn in (94.0, 95.0, 96.0)]
+    line = aggregate("mnist", Variant("a", "seed").as_json(), units, levels=(60.0, 70.0))
+    assert line["n_eval"] == 1000
+    md = markdown([line], {"mnist": (60.0, 70.0)})
+    # Worked by hand: sqrt(0.95 * 0.05 / 1000) = sqrt(4.75e-5) = 0.006892, 0.69 points.
+    assert ("On these 1,000 images a score near the median (95.0%) carries a binomial "
+            "standard error of 0.69 points.") in md
+    # Runs that did not record the split's size: no claim.
+    bare = aggregate("mnist", Variant("a", "seed").as_json(),
+                     [_unit(knn, 10.0, 20.0) for knn in (94.0, 95.0, 96.0)], levels=(60.0,))
+    assert "standard error" not in markdown([bare], {"mnist": (60.0,)})
+
+
 def test_aggregate_an_even_number_of_seeds():
     units = [_unit(60.0, 10.0, None), _unit(62.0, 20.0, 40.0)]
     line = aggregate("digits", Variant("a", "seed").as_json(), units, levels=(60.0, 70.0))
