@@ -1,7 +1,7 @@
 """What each speed lever gives, measured side by side in one run on one device.
 
     python benchmarks/levers.py [--device cpu] [--batch 8] [--depth 12] [--rounds 7]
-                                [--compile] [--precision-only]
+                                [--compile] [--precision-only | --alignment-only]
 
 Each lever is timed against its baseline in alternating rounds (A, B, A, B, ...), so load
 from other processes hits both alike; the table gives the median time of each and the
@@ -191,29 +191,54 @@ def measure(device: torch.device, batch: int, depth: int, rounds: int,
     return rows
 
 
-def small_step_precision(device: torch.device, rounds: int, timer: Timer) -> dict:
-    """``--precision bf16`` against fp32 for the whole step of the ``small`` recipe on
-    MNIST's shape (what the CPU runs use): two trainers with the same weights and seed."""
+def _small_steps(device: torch.device, variants: dict) -> dict:
+    """One ``step`` closure per ``{label: (recipe, precision)}``: trainers of the
+    ``small`` recipe's shape on MNIST (what the CPU runs use), each with the same weights,
+    batch and generator seed."""
     shape = SHAPES["mnist"]
-    recipe = SMALL.for_dataset(shape.natural_images).validate()
-    cfg = ViTConfig(image_size=shape.image_size, grid=shape.grid, in_chans=shape.channels,
-                    dim=recipe.dim, depth=recipe.depth, heads=recipe.heads,
-                    mlp_dim=recipe.mlp_dim, pos_embed_std=recipe.pos_embed_std)
-    crop = MultiCropConfig.from_recipe(recipe, cfg.image_size, cfg.patch_size, shape.mean,
-                                       shape.std)
-    images = torch.randint(0, 256, (recipe.batch_size, shape.channels, shape.image_size,
-                                    shape.image_size), dtype=torch.uint8, device=device)
-    kw = {"lr": 1e-4, "wd": 0.04, "momentum": 0.99, "teacher_temp": 0.04,
-          "freeze_last_layer": False}
     steps = {}
-    for precision in ("bf16", "fp32"):
+    for label, (recipe, precision) in variants.items():
+        recipe = recipe.for_dataset(shape.natural_images).validate()
+        size = recipe.image_size or shape.image_size
+        cfg = ViTConfig(image_size=size, grid=shape.grid, in_chans=shape.channels,
+                        dim=recipe.dim, depth=recipe.depth, heads=recipe.heads,
+                        mlp_dim=recipe.mlp_dim, pos_embed_std=recipe.pos_embed_std)
+        crop = MultiCropConfig.from_recipe(recipe, cfg.image_size, cfg.patch_size,
+                                           shape.mean, shape.std)
+        images = torch.randint(0, 256, (recipe.batch_size, shape.channels, shape.image_size,
+                                        shape.image_size), dtype=torch.uint8, device=device,
+                               generator=torch.Generator(device).manual_seed(0))
+        kw = {"lr": 1e-4, "wd": 0.04, "momentum": 0.99, "teacher_temp": 0.04,
+              "freeze_last_layer": False}
+        torch.manual_seed(0)
         tr = DINOTrainer(recipe, cfg, crop, device=device, progress=False, log=lambda s: None,
                          precision=precision)
         gen = torch.Generator(device).manual_seed(0)
-        steps[precision] = lambda tr=tr, gen=gen: tr.step(images, gen, **kw)
+        steps[label] = lambda tr=tr, gen=gen, images=images, kw=kw: tr.step(images, gen, **kw)
+    return steps
+
+
+def small_step_precision(device: torch.device, rounds: int, timer: Timer) -> dict:
+    """``--precision bf16`` against fp32 for the whole step of the ``small`` recipe on
+    MNIST's shape."""
+    steps = _small_steps(device, {"bf16": (SMALL, "bf16"), "fp32": (SMALL, "fp32")})
     return side_by_side(f"CPU autocast, whole step (small recipe, MNIST shape, batch "
-                        f"{recipe.batch_size})", "--precision bf16", "fp32", steps["bf16"],
+                        f"{SMALL.batch_size})", "--precision bf16", "fp32", steps["bf16"],
                         steps["fp32"], rounds * 3, timer)
+
+
+def alignment_cost(device: torch.device, rounds: int, timer: Timer) -> dict:
+    """``--align-weight 1`` against none, on the MNIST recipe it was screened on
+    (KoLeo, a 16-px input, elastic crops): the whole step, the same weights and crops. The
+    term reuses the features both forwards already return, so any cost is its own
+    arithmetic and backward."""
+    mnist = SMALL.replace(lr=1e-3, pos_embed_std=1.0, koleo_weight=1.0, image_size=16,
+                          elastic=0.2, epochs=4)
+    steps = _small_steps(device, {"align": (mnist.replace(align_weight=1.0), "fp32"),
+                                  "none": (mnist, "fp32")})
+    return side_by_side("alignment term, whole step (MNIST elastic recipe, batch "
+                        f"{mnist.batch_size})", "--align-weight 1", "without",
+                        steps["align"], steps["none"], rounds * 3, timer)
 
 
 def table(rows: list[dict], env: dict) -> str:
@@ -241,19 +266,26 @@ def main(argv: list[str] | None = None) -> int:
                    "by torch.compile against eager")
     p.add_argument("--precision-only", action="store_true", help="only the CPU's "
                    "--precision bf16 against fp32 for the small recipe's whole step")
+    p.add_argument("--alignment-only", action="store_true", help="only the whole step of "
+                   "the MNIST elastic recipe with --align-weight 1 against without")
     p.add_argument("--json", default=None, help="also write the rows here")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)
     batch = a.batch or (256 if device.type == "cuda" else 8)
-    env = {**environment(device), "batch": batch, "depth": a.depth}
+    env = environment(device)
     if a.precision_only:
         rows = [small_step_precision(device, a.rounds, Timer(device))]
+        title = "the small recipe's whole step at MNIST shapes, bf16 against fp32"
+    elif a.alignment_only:
+        rows = [alignment_cost(device, a.rounds, Timer(device))]
+        title = "the MNIST elastic recipe's whole step, with the alignment term and without"
     else:
         rows = measure(device, batch, a.depth, a.rounds, a.compile)
-    print("the small recipe's whole step at MNIST shapes, bf16 against fp32" if a.precision_only
-          else f"levers at batch {batch}, depth {a.depth}, CIFAR-10 shapes, seed recipe")
+        env.update(batch=batch, depth=a.depth)  # the whole-step modes fix their own
+        title = f"levers at batch {batch}, depth {a.depth}, CIFAR-10 shapes, seed recipe"
+    print(title)
     print(table(rows, env))
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
