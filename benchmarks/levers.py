@@ -264,10 +264,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--compile", action="store_true", help="also time clip + EMA compiled "
                    "by torch.compile against eager")
-    p.add_argument("--precision-only", action="store_true", help="only the CPU's "
-                   "--precision bf16 against fp32 for the small recipe's whole step")
-    p.add_argument("--alignment-only", action="store_true", help="only the whole step of "
-                   "the MNIST elastic recipe with --align-weight 1 against without")
+    only = p.add_mutually_exclusive_group()
+    only.add_argument("--precision-only", action="store_true", help="only the CPU's "
+                      "--precision bf16 against fp32 for the small recipe's whole step")
+    only.add_argument("--alignment-only", action="store_true", help="only the whole step "
+                      "of the MNIST elastic recipe with --align-weight 1 against without")
     p.add_argument("--json", default=None, help="also write the rows here")
     a = p.parse_args(argv)
     if a.threads:

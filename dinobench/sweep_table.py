@@ -180,12 +180,16 @@ def standard_error(accuracy: float, n: int) -> float:
 
 
 def _noise_sentence(mine: list[dict]) -> str:
-    """The split's sampling error at the median score, when the runs recorded its size
-    (older results did not): differences of a few tenths on 1,000 images are noise, and
-    a table of medians does not say so by itself."""
-    n = _median([s.get("n_eval") for s in mine])
+    """The split's sampling error at the median score, when every run recorded the size
+    of one and the same split (older results did not): on 1,000 images a gap of a few
+    tenths is within it, and a table of medians does not say so by itself."""
+    sizes = {s.get("n_eval") for s in mine}
+    splits = {s["knn_split"] for s in mine}
     knn = _median([s["knn_median"] for s in mine])
-    if not n or knn is None:
+    if len(sizes) != 1 or len(splits) != 1 or None in sizes or knn is None:
+        return ""
+    n = sizes.pop()
+    if not n:
         return ""
     return (f" On these {int(n):,} images a score near the median ({knn:.1f}%) carries a "
             f"binomial standard error of {standard_error(knn, int(n)):.2f} points.")

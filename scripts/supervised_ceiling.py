@@ -7,7 +7,7 @@ Trains the ViT a DINO run of ``--recipe`` (default ``small``) would build, from 
 with cross-entropy on the labels of the k-NN bank (the train split less the runs'
 validation images), on the recipe's global crops, and prints its classification accuracy
 and the runs' k-NN (k = 20, T = 0.07, CLS token) on the same validation images. A yardstick
-for the DINO runs' validation k-NN, not a result: it reads no test image.
+for the DINO runs' validation k-NN, not a result: without ``--test`` it reads no test image.
 
 With ``--test`` it trains on every labelled train image instead and reads the test split
 the way a run's test k-NN does (the whole train split as the bank): the shape's ceiling on

@@ -225,6 +225,12 @@ def test_the_table_states_the_splits_sampling_error():
     bare = aggregate("mnist", Variant("a", "seed").as_json(),
                      [_unit(knn, 10.0, 20.0) for knn in (94.0, 95.0, 96.0)], levels=(60.0,))
     assert "standard error" not in markdown([bare], {"mnist": (60.0,)})
+    # Variants scored on different splits (an older test-split run beside a validation
+    # one): no single split to speak of, so no claim.
+    tested = aggregate("mnist", Variant("b", "seed").as_json(),
+                       [{**_unit(95.0, 10.0, 20.0), "split": "test", "n_eval": 10000}],
+                       levels=(60.0, 70.0))
+    assert "standard error" not in markdown([line, tested], {"mnist": (60.0, 70.0)})
 
 
 def test_aggregate_an_even_number_of_seeds():
