@@ -200,9 +200,7 @@ def _small_steps(device: torch.device, variants: dict) -> dict:
     for label, (recipe, precision) in variants.items():
         recipe = recipe.for_dataset(shape.natural_images).validate()
         size = recipe.image_size or shape.image_size
-        cfg = ViTConfig(image_size=size, grid=shape.grid, in_chans=shape.channels,
-                        dim=recipe.dim, depth=recipe.depth, heads=recipe.heads,
-                        mlp_dim=recipe.mlp_dim, pos_embed_std=recipe.pos_embed_std)
+        cfg = ViTConfig.for_recipe(recipe, size, recipe.grid or shape.grid, shape.channels)
         crop = MultiCropConfig.from_recipe(recipe, cfg.image_size, cfg.patch_size,
                                            shape.mean, shape.std)
         images = torch.randint(0, 256, (recipe.batch_size, shape.channels, shape.image_size,
