@@ -186,10 +186,8 @@ def _noise_sentence(mine: list[dict]) -> str:
     sizes = {s.get("n_eval") for s in mine}
     splits = {s["knn_split"] for s in mine}
     knn = _median([s["knn_median"] for s in mine])
-    if len(sizes) != 1 or len(splits) != 1 or None in sizes or knn is None:
-        return ""
-    n = sizes.pop()
-    if not n:
+    n = sizes.pop() if len(sizes) == 1 else None
+    if not n or len(splits) != 1 or knn is None:
         return ""
     return (f" On these {int(n):,} images a score near the median ({knn:.1f}%) carries a "
             f"binomial standard error of {standard_error(knn, int(n)):.2f} points.")
