@@ -135,9 +135,14 @@ class Recipe:
                          "an angle uniform in +-rotation about its centre (slant is a "
                          "digit's style, not its class); 0: none")
     elastic: float = _f(0.0, "largest displacement of a crop's elastic distortion, as a "
-                        "fraction of its side: a smooth random field (uniform draws at 5 x 5 "
-                        "control points, interpolated bilinearly) moves every sample point, "
-                        "bending strokes as handwriting does (Simard et al. 2003); 0: none")
+                        "fraction of its side: a smooth random field (uniform draws at "
+                        "--elastic-points control points a side, interpolated "
+                        "bilinearly) moves every sample point, bending strokes as "
+                        "handwriting does (Simard et al. 2003); 0: none")
+    elastic_points: int = _f(5, "control points per side of the elastic field: c points are "
+                             "a (c - 1)th of the crop apart, so neighbours can pull a patch "
+                             "inside out (fold it) once 2 x elastic exceeds 1 / (c - 1); "
+                             "fewer points bend the digit as a whole, more bend its strokes")
     stroke_p: float = _f(0.0, "probability that a crop's strokes change width: it moves a "
                          "uniform fraction of the way to its 3x3 grey dilation or erosion "
                          "(equally likely), so stroke width stops telling views apart")
@@ -234,6 +239,9 @@ class Recipe:
         need(math.isfinite(self.elastic) and 0.0 <= self.elastic <= 0.5,
              f"--elastic is a fraction of a crop's side and must lie in [0, 0.5], got "
              f"{self.elastic}")
+        need(isinstance(self.elastic_points, int) and self.elastic_points >= 2,
+             f"--elastic-points must be an integer of at least 2 (a corner point per side), "
+             f"got {self.elastic_points!r}")
         need(0.0 < self.local_size_ratio <= 1.0,
              f"--local-size-ratio must lie in (0, 1], got {self.local_size_ratio}")
         need(0.0 < self.blur_sigma[0] <= self.blur_sigma[1],
@@ -273,7 +281,7 @@ LATER_FIELDS = {"jitter_order": "fixed", "antialias": False, "rotation": 0.0,
                 "stroke_p": 0.0, "koleo_weight": 0.0, "stem": "patch", "elastic": 0.0,
                 "dino_weight": 1.0, "ibot_weight": 0.0, "ibot_mask_ratio": (0.1, 0.5),
                 "ibot_mask_p": 0.5, "koleo_weight_end": None, "norm_last_layer": True,
-                "align_weight": 0.0}
+                "align_weight": 0.0, "elastic_points": 5}
 
 
 def recipe_identity(recipe: Recipe) -> dict:

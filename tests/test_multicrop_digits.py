@@ -14,6 +14,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dinobench.config import SMALL, ConfigError, recipe_identity
 from dinobench.dino.multicrop import (
@@ -134,7 +135,8 @@ def _bilinear_by_hand(control: torch.Tensor, size: int) -> torch.Tensor:
     return out
 
 
-def test_displacement_on_a_ramp_is_the_interpolated_field():
+@pytest.mark.parametrize("points", [ELASTIC_CONTROL_POINTS, 3])
+def test_displacement_on_a_ramp_is_the_interpolated_field(points):
     """On an image whose value is its column (a ramp), a whole-image crop samples its own
     x position: with the field on, each output pixel reads its column plus the field's x
     displacement in pixels (half the side per normalised unit). Pixels whose displaced
@@ -143,8 +145,7 @@ def test_displacement_on_a_ramp_is_the_interpolated_field():
     S = 16
     ramp = torch.arange(S, dtype=torch.float32).expand(1, 1, S, S).contiguous()
     theta = torch.eye(3).view(1, 1, 3, 3)
-    field = random_displacements(1, 0.05, gen(2), "cpu").view(1, 1, 2, ELASTIC_CONTROL_POINTS,
-                                                               ELASTIC_CONTROL_POINTS)
+    field = random_displacements(1, 0.05, gen(2), "cpu", points).view(1, 1, 2, points, points)
     out = resample(ramp, theta, S, displacement=field)[0, 0, 0].double()
     expected = torch.arange(S, dtype=torch.float64) + _bilinear_by_hand(field[0, 0, 0], S) * S / 2
     inside = (expected >= 0) & (expected <= S - 1)
@@ -157,6 +158,42 @@ def test_random_displacements_fill_their_range():
     assert d.shape == (2000, 2, ELASTIC_CONTROL_POINTS, ELASTIC_CONTROL_POINTS)
     assert d.abs().max() <= 0.2  # 0.1 of a side spanning 2 normalised units
     assert d.min() < -0.19 and d.max() > 0.19 and abs(d.mean()) < 0.005
+
+
+def _folds(strength: float, points: int, n: int = 500, size: int = 64) -> float:
+    """Fraction of ``n`` fields whose x map (each sample column plus its x displacement,
+    in pixels) runs backwards somewhere along a row: a fold, where the crop shows part of
+    the digit mirrored."""
+    d = random_displacements(n, strength, gen(5), "cpu", points)
+    x = torch.linspace(-1, 1, size) + F.interpolate(d, size=(size, size), mode="bilinear",
+                                                    align_corners=True)[:, 0]
+    return ((x[:, :, 1:] - x[:, :, :-1]) < 0).flatten(1).any(1).float().mean().item()
+
+
+def test_fewer_control_points_fold_no_crop():
+    """Neighbouring control points are 2 / (c - 1) normalised units apart and can move
+    2 x 2 x strength towards each other: below that spacing no field folds, above it
+    most do. At strength 0.2, 3 points (spacing 1, closing at most 0.8) never fold. At 5
+    points (spacing 0.5) each of a field's 20 pairs of x neighbours closes by more than
+    the spacing with probability ((0.8 - 0.5) / 0.8)^2 / 2 = 0.0703 (the difference of
+    two uniforms is triangular), so 1 - (1 - 0.0703)^20 = 0.767 of the fields fold in x."""
+    assert _folds(0.2, 3) == 0.0
+    assert abs(_folds(0.2, 5, n=2000) - (1 - (1 - 0.375 ** 2 / 2) ** 20)) < 0.04
+    assert _folds(0.1, 5) == 0.0  # spacing 0.5, closing at most 0.4
+
+
+def test_elastic_points_reach_the_crops():
+    """The recipe's control points reach the multi-crop: the same draws bend a crop
+    differently at 3 and at 5 points, and a recipe of 5 matches the default."""
+    bar = torch.zeros(8, 1, 32, 32, dtype=torch.uint8)
+    bar[:, :, 14:18, 2:30] = 255
+    five = _multicrop(elastic=0.2)(bar, gen(0))
+    assert all(torch.equal(a, b) for a, b in
+               zip(five, _multicrop(elastic=0.2, elastic_points=5)(bar, gen(0))))
+    three = _multicrop(elastic=0.2, elastic_points=3)(bar, gen(0))
+    assert all((a - b).abs().max() > 0.1 for a, b in zip(five, three))
+    recipe = SMALL.replace(elastic=0.2, elastic_points=3).for_dataset(natural_images=False)
+    assert MultiCropConfig.from_recipe(recipe, 16, 4, (0.0,), (1.0,)).elastic_points == 3
 
 
 def test_elastic_option_bends_a_bar_and_keeps_a_flat_image():
@@ -232,7 +269,8 @@ def test_stroke_option_in_the_multicrop_grows_or_thins_each_crop():
     ("rotation", -1.0, "--rotation"), ("rotation", 181.0, "[0, 180]"),
     ("rotation", float("nan"), "--rotation"), ("stroke_p", 1.5, "--stroke-p"),
     ("elastic", -0.1, "--elastic"), ("elastic", 0.6, "[0, 0.5]"),
-    ("elastic", float("inf"), "--elastic"),
+    ("elastic", float("inf"), "--elastic"), ("elastic_points", 1, "--elastic-points"),
+    ("elastic_points", 2.5, "at least 2"),
 ])
 def test_bad_values_are_refused(field, value, words):
     with pytest.raises(ConfigError, match=words.replace("[", r"\[").replace("]", r"\]")):

@@ -157,6 +157,6 @@ def test_resume_identity_leaves_out_the_new_fields_at_their_defaults():
     assert recipe_identity(SMALL.replace(jitter_order="random"))["jitter_order"] == "random"
     later = ["jitter_order", "antialias", "rotation", "stroke_p", "koleo_weight", "stem",
              "elastic", "dino_weight", "ibot_weight", "ibot_mask_ratio", "ibot_mask_p",
-             "koleo_weight_end", "norm_last_layer", "align_weight"]
+             "koleo_weight_end", "norm_last_layer", "align_weight", "elastic_points"]
     full = set(itertools.chain(recipe_identity(SMALL), later))
     assert full == set(SMALL.__dataclass_fields__)

@@ -64,6 +64,7 @@ class MultiCropConfig:
     antialias: bool = False
     rotation: float = 0.0  # degrees
     elastic: float = 0.0  # largest displacement, as a fraction of the crop's side
+    elastic_points: int = 5  # control points per side of the elastic field
     stroke_p: float = 0.0
     grey_p: float = 0.2
     blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5)
@@ -85,7 +86,8 @@ class MultiCropConfig:
             local_scale=recipe.local_scale, local_from_global=recipe.local_from_global,
             flip_p=recipe.flip_p, jitter_p=recipe.jitter_p, jitter=recipe.jitter,
             jitter_order=recipe.jitter_order, antialias=recipe.antialias,
-            rotation=recipe.rotation, elastic=recipe.elastic, stroke_p=recipe.stroke_p,
+            rotation=recipe.rotation, elastic=recipe.elastic,
+            elastic_points=recipe.elastic_points, stroke_p=recipe.stroke_p,
             grey_p=recipe.grey_p, blur_p=recipe.blur_p, blur_sigma=recipe.blur_sigma,
             solarize_p=recipe.solarize_p,
         )
@@ -153,18 +155,17 @@ def random_rotations(n: int, degrees: float, gen: torch.Generator | None,
     return rotations(angles)
 
 
-# Control points per side of an elastic displacement field: neighbouring points are a
-# quarter of the crop apart, about the length over which a pen stroke bends.
+# Control points per side of an elastic displacement field by default: neighbouring
+# points are a quarter of the crop apart, about the length over which a pen stroke bends.
 ELASTIC_CONTROL_POINTS = 5
 
 
 def random_displacements(n: int, strength: float, gen: torch.Generator | None,
-                         device) -> torch.Tensor:
-    """``(n, 2, c, c)`` elastic displacement fields at ``c`` =
-    :data:`ELASTIC_CONTROL_POINTS` control points per side, x then y, each uniform in
-    ``+-strength`` of a crop's side. In ``grid_sample``'s normalised units a side spans 2,
-    so the draws are scaled by 2."""
-    c = ELASTIC_CONTROL_POINTS
+                         device, points: int = ELASTIC_CONTROL_POINTS) -> torch.Tensor:
+    """``(n, 2, c, c)`` elastic displacement fields at ``c = points`` control points per
+    side, x then y, each uniform in ``+-strength`` of a crop's side. In ``grid_sample``'s
+    normalised units a side spans 2, so the draws are scaled by 2."""
+    c = points
     return (2 * _rand(gen, device, n, 2, c, c) - 1) * (2 * strength)
 
 
@@ -377,7 +378,8 @@ class MultiCrop:
         draws) without ``elastic``."""
         if not self.cfg.elastic:
             return None
-        fields = random_displacements(n * B, self.cfg.elastic, gen, dev)
+        fields = random_displacements(n * B, self.cfg.elastic, gen, dev,
+                                      self.cfg.elastic_points)
         return fields.view(n, B, *fields.shape[1:])
 
     def _finish(self, x: torch.Tensor, gen, is_global: bool) -> torch.Tensor:
