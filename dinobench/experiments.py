@@ -6,7 +6,8 @@ caller's context and ``seed``, ``seconds``) and figure data made of plain lists,
 ``report`` can redraw every table and figure from ``results.json`` alone.
 
 Models: ``dino-<recipe>`` (the teacher), ``random-init`` (a ViT of the same shape, never
-trained), ``pixels`` (the normalised raw pixels as features; k-NN and probe only),
+trained), ``pixels`` (the normalised raw pixels as features; k-NN and probe only;
+``pixels-<size>px`` too, resized as the model's input, where the model reads another size),
 ``uniform`` (equal attention everywhere; overlap metrics only) and ``supervised`` (the
 same ViT trained from scratch with labels only).
 """
@@ -40,7 +41,7 @@ from .eval.attention import (
 from .eval.features import extract_features
 from .eval.knn import knn_top1
 from .eval.linear_probe import DEFAULT_CS, linear_probe
-from .eval.pixels import pixel_features
+from .eval.pixels import input_pixels_name, pixel_features
 from .eval.supervised import SupervisedConfig, train_supervised
 from .eval.time_to_accuracy import time_to_knn, training_scores
 from .vit import ViT, ViTConfig
@@ -203,7 +204,8 @@ def evaluate_models(ds: Dataset, models: dict[str, ViT], *, seed: int, context: 
                     pixels: bool = True, attention: bool = True, device=None
                     ) -> tuple[list[dict], dict]:
     """Rows for every model in ``models`` (name -> backbone) on ``ds``; with ``pixels``,
-    k-NN and probe rows of the raw-pixel reference ``pixels``; ``uniform`` overlap rows
+    k-NN and probe rows of the raw-pixel reference ``pixels`` (and of
+    ``pixels-<size>px`` where the models read the images resized); ``uniform`` overlap rows
     when the dataset has foreground masks; ``val_knn_top1`` rows when ``val`` (validation
     rows, bank rows) is given. Figure data ``{"attention": [...]}`` (one item per
     dataset: the images, each model's head-mean maps, and the patch foreground) when
@@ -219,12 +221,18 @@ def evaluate_models(ds: Dataset, models: dict[str, ViT], *, seed: int, context: 
                                                device=device)
         rows += _rows(ds.name, name, scores, context, seed, time.perf_counter() - t0)
     if pixels:
-        t0 = time.perf_counter()
         dev = device or next(next(iter(models.values())).parameters()).device
-        train, test = (pixel_features(x, ds.spec.mean, ds.spec.std, device=dev)
-                       for x in (ds.train_images, ds.test_images))
-        scores = feature_scores(train, test, ds, cfg, labelled=labelled, val=val, seed=seed)
-        rows += _rows(ds.name, "pixels", scores, context, seed, time.perf_counter() - t0)
+        stored, model_side = ds.test_images.shape[-1], next(iter(models.values())).cfg.image_size
+        sides = {"pixels": None}
+        if model_side != stored:
+            sides[input_pixels_name(model_side)] = model_side
+        for name, side in sides.items():
+            t0 = time.perf_counter()
+            train, test = (pixel_features(x, ds.spec.mean, ds.spec.std, size=side, device=dev)
+                           for x in (ds.train_images, ds.test_images))
+            scores = feature_scores(train, test, ds, cfg, labelled=labelled, val=val,
+                                    seed=seed)
+            rows += _rows(ds.name, name, scores, context, seed, time.perf_counter() - t0)
     if grid_masks is not None:
         summary = uniform_overlap(grid_masks, cfg.keep_mass).summary()
         scores = _overlap_scores(summary, cfg.keep_mass)

@@ -166,21 +166,29 @@ def summary_table(summary: list[dict], leading: tuple[str, ...] = ()) -> str:
 
 def pixels_note(summary: list[dict], leading: tuple[str, ...] = ()) -> str:
     """A note for under the summary: per dataset, the models whose k-NN (k 20) is at or
-    below the raw pixels' (what k-NN gets from the images themselves), so that a
-    representation that does not beat its input reads that way. Empty without pixel
-    rows."""
+    below the raw pixels' (what k-NN gets from the images themselves, at the stored size
+    or, the stronger of the two, at the model's input size where it reads them resized),
+    so that a representation that does not beat its input reads that way. Empty without
+    pixel rows."""
     knn = [s for s in summary if s["metric"] == "knn_top1" and s["n"]]
     group = lambda s: tuple(s.get(k) for k in leading) + (s["dataset"],)
-    pixels = {group(s): s["mean"] for s in knn if s["model"] == "pixels"}
+    is_pixels = lambda s: s["model"] == "pixels" or s["model"].startswith("pixels-")
+    pixels: dict = {}  # group -> {pixel reference: mean}, at the stored size first
+    for s in sorted((s for s in knn if is_pixels(s)), key=lambda s: s["model"] != "pixels"):
+        pixels.setdefault(group(s), {})[s["model"]] = s["mean"]
     if not pixels:
         return ""
     lines = []
-    for g, ref in pixels.items():
+    for g, refs in pixels.items():
+        # The stronger of the pixel references: the pixels at the stored size, and at
+        # the model's input size where it reads them resized.
+        ref = max(refs.values())
         below = [f"{s['model']} ({s['mean']:.2f})" for s in knn
-                 if group(s) == g and s["model"] != "pixels" and s["mean"] <= ref]
+                 if group(s) == g and not is_pixels(s) and s["mean"] <= ref]
         if below:
-            lines.append(f"- {' / '.join(map(str, g))}: {', '.join(below)}; raw pixels "
-                         f"{ref:.2f}")
+            named = ", ".join(f"{'raw pixels' if m == 'pixels' else m} {v:.2f}"
+                              for m, v in refs.items())
+            lines.append(f"- {' / '.join(map(str, g))}: {', '.join(below)}; {named}")
     if not lines:
         return "Every model's k-NN (k 20) is above the raw pixels'.\n"
     return ("k-NN (k 20) at or below the raw pixels' (these representations do not beat "
@@ -317,8 +325,8 @@ def write_figures(out_dir: Path, figures: dict, rows: list[dict] | None = None
     if timed:  # every model and seed of the run, against the time it trained
         references: dict[str, dict] = {}
         for s in summary:
-            if s["metric"] == "val_knn_top1" and s["model"] in ("pixels", "random-init") \
-                    and s["n"]:
+            if s["metric"] == "val_knn_top1" and s["n"] and (
+                    s["model"] in ("pixels", "random-init") or s["model"].startswith("pixels-")):
                 references.setdefault(s["dataset"], {})[s["model"]] = s["mean"]
         path = out_dir / "knn_vs_time.png"
         knn_time_figure(timed, path, references,

@@ -91,13 +91,18 @@ def unit_summary(rows: list[dict], history: list[dict], levels) -> dict:
     by_metric = {r["metric"]: r for r in dino}
     knn, split = _final_knn(by_metric, ys, split)
     references = {}
-    for model in ("random-init", "pixels"):
+    # The pixels at the model's input size, where it reads the images resized: one such
+    # reference per run (``pixels-<size>px``), kept under one key.
+    resized = next((r["model"] for r in rows
+                    if str(r.get("model", "")).startswith("pixels-")), None)
+    for key, model in (("random-init", "random-init"), ("pixels", "pixels"),
+                       ("pixels-input", resized)):
         mine = {r["metric"]: r for r in rows if r.get("model") == model}
         # The same split as the DINO score, or none: a test score beside a validation
         # one would not be a reference.
         metric = "val_knn_top1" if split == "validation" else "knn_top1"
         if metric in mine and mine[metric]["value"] is not None:
-            references[model] = float(mine[metric]["value"])
+            references[key] = float(mine[metric]["value"])
     times = {}
     for level in levels:
         row = next((r for r in dino if r["metric"] == "time_to_knn"
@@ -145,7 +150,7 @@ def aggregate(dataset: str, variant: dict, units: list[dict], levels) -> dict:
             "images_per_s": _median([u["images_per_s"] for u in units]),
             "train_seconds": _median([u["train_seconds"] for u in units]),
             "references": {m: _median([u.get("references", {}).get(m) for u in units])
-                           for m in ("random-init", "pixels")}}
+                           for m in ("random-init", "pixels", "pixels-input")}}
 
 
 def _level_key(level: float) -> str:
@@ -200,9 +205,12 @@ def markdown(lines: list[dict], levels: dict[str, tuple], header: str = "") -> s
         mine = [s for s in lines if s["dataset"] == dataset]
         splits = sorted({s["knn_split"] for s in mine})
         pixels = _median([s["references"].get("pixels") for s in mine])
+        resized = _median([s["references"].get("pixels-input") for s in mine])
+        refs = ([f"raw pixels: {pixels:.2f}"] if pixels is not None else []) + (
+            [f"resized to the model's input: {resized:.2f}"] if resized is not None else [])
         out.append(f"## {dataset}\n\nk-NN top-1 (%) of the DINO teacher on the "
                    f"{' / '.join(splits)} split, beside a random-init ViT of the same shape"
-                   + (f" (raw pixels: {pixels:.2f})" if pixels is not None else "")
+                   + (f" ({'; '.join(refs)})" if refs else "")
                    + "; seconds are training seconds (evaluation excluded), medians over "
                    "seeds." + _noise_sentence(mine) + "\n")
         head = (["variant", "seeds", "k-NN median", "k-NN min–max", "random-init"]
@@ -230,7 +238,8 @@ def to_csv(lines: list[dict], levels: dict[str, tuple]) -> str:
     that level."""
     union = sorted({lv for lvs in levels.values() for lv in lvs})
     fields = (["dataset", "variant", "recipe", "overrides", "baseline", "seeds", "knn_split",
-               "knn_median", "knn_min", "knn_max", "random_init_knn", "pixels_knn"]
+               "knn_median", "knn_min", "knn_max", "random_init_knn", "pixels_knn",
+               "pixels_input_knn"]
               + [f"time_to_{_level_key(lv)}_{k}" for lv in union
                  for k in ("median_seconds", "not_reached")]
               + ["collapsed", "collapse_reasons", "images_per_s", "train_seconds"])
@@ -243,6 +252,7 @@ def to_csv(lines: list[dict], levels: dict[str, tuple]) -> str:
         flat["collapse_reasons"] = "; ".join(s["collapse_reasons"])
         flat["random_init_knn"] = s["references"].get("random-init")
         flat["pixels_knn"] = s["references"].get("pixels")
+        flat["pixels_input_knn"] = s["references"].get("pixels-input")
         for key, cell in s["time_to_knn"].items():
             for k, v in cell.items():
                 flat[f"time_to_{key}_{k}"] = v

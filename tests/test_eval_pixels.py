@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from dinobench.data.registry import Dataset, DatasetSpec
+from dinobench.eval.knn import knn_top1
 from dinobench.eval.linear_probe import linear_probe
 from dinobench.eval.pixels import pixel_features
 from dinobench.experiments import EvalConfig, evaluate_models, random_init_like
@@ -68,6 +69,40 @@ def test_pixels_rows_give_the_hand_worked_knn_and_the_probe():
     assert got["linear_top1"]["value"] == probe.top1 and got["linear_top1"]["n_labels"] == 4
 
 
+def test_a_model_that_reads_resized_images_gets_the_resized_pixels_too():
+    """4x4 images read by a 2x2 model: beside ``pixels`` (4x4, as stored) come rows of
+    ``pixels-2px``, whose k-NN equals one on the images shrunk by F.interpolate with
+    antialiasing and normalised here by hand. A model at the stored size gets none."""
+    g = torch.Generator().manual_seed(0)
+    train = torch.randint(0, 256, (40, 1, 4, 4), generator=g, dtype=torch.uint8)
+    test = torch.randint(0, 256, (12, 1, 4, 4), generator=g, dtype=torch.uint8)
+    train_labels, test_labels = torch.arange(40) % 2, torch.arange(12) % 2
+    ds = Dataset(DatasetSpec("toy4", 4, 2, 1, (0.25,), (0.5,), ("0", "1"), 1), train,
+                 train_labels, test, test_labels)
+    cfg = EvalConfig(knn=((20, 0.07),), probe_cs=(1.0,), attention_images=0)
+    small = random_init_like(ViTConfig(image_size=2, grid=2, in_chans=1, dim=8, depth=1,
+                                       heads=1, mlp_dim=8), 0)
+    rows, _ = evaluate_models(ds, {"vit": small}, seed=0, context={}, cfg=cfg)
+
+    def shrunk(x):
+        x = torch.nn.functional.interpolate(x.double() / 255, size=(2, 2), mode="bilinear",
+                                            align_corners=False, antialias=True)
+        return ((x - 0.25) / 0.5).flatten(1)
+
+    expected = knn_top1(shrunk(train), train_labels, shrunk(test), test_labels)
+    got = {r["metric"]: r["value"] for r in rows if r["model"] == "pixels-2px"}
+    assert set(got) == {"knn_top1", "linear_top1"}
+    assert got["knn_top1"] == pytest.approx(expected)
+    stored = {r["metric"]: r["value"] for r in rows if r["model"] == "pixels"}
+    assert stored["knn_top1"] == pytest.approx(knn_top1(
+        ((train.double() / 255 - 0.25) / 0.5).flatten(1), train_labels,
+        ((test.double() / 255 - 0.25) / 0.5).flatten(1), test_labels))
+    same = random_init_like(ViTConfig(image_size=4, grid=2, in_chans=1, dim=8, depth=1,
+                                      heads=1, mlp_dim=8), 0)
+    rows, _ = evaluate_models(ds, {"vit": same}, seed=0, context={}, cfg=cfg)
+    assert {r["model"] for r in rows if r["model"].startswith("pixels")} == {"pixels"}
+
+
 def _row(model, value, dataset="d", metric="knn_top1", seed=0):
     return {"dataset": dataset, "model": model, "metric": metric, "value": value,
             "seed": seed}
@@ -86,3 +121,10 @@ def test_summary_names_the_models_at_or_below_raw_pixels():
     assert "random-init (76" not in summary and "- e:" not in summary and "- f" not in summary
     rows = [r for r in rows if r["dataset"] == "e"] + [_row("dino-x", 1.0, "e", "linear_top1")]
     assert "Every model's k-NN (k 20) is above the raw pixels'." in to_markdown(rows)
+    # Beside the pixels resized to the model's input, the stronger of the two is the bar:
+    # 77 beats the stored pixels' 75 and not the resized ones' 78.
+    rows = [_row("dino-x", 77.0), _row("pixels", 75.0), _row("pixels-16px", 78.0),
+            _row("dino-x", 1.0, metric="linear_top1")]
+    summary = to_markdown(rows).split("## All rows")[0]
+    assert "- d: dino-x (77.00); raw pixels 75.00, pixels-16px 78.00" in summary
+    assert "pixels-16px (78" not in summary

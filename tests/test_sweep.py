@@ -19,7 +19,7 @@ from dinobench.io import atomic_write_json, atomic_write_text
 from dinobench.run import RunInterrupted
 from dinobench.sweep import SweepOptions, options_from_args, sweep
 from dinobench.sweep_grid import Variant, expand, parse_values
-from dinobench.sweep_table import aggregate, markdown, sort_lines, unit_summary
+from dinobench.sweep_table import aggregate, markdown, sort_lines, to_csv, unit_summary
 from helpers import TINY, one_line_error
 
 FIELDS = {f.name: f for f in recipe_fields()}
@@ -196,11 +196,32 @@ def test_aggregate_median_spread_and_misses():
     assert line["time_to_knn"]["70"] == {"median_seconds": None, "not_reached": 2}
     assert line["collapsed"] == 1 and line["collapse_reasons"] == ["teacher entropy near 0"]
     assert line["images_per_s"] == 165.0 and line["train_seconds"] == 6.5
-    assert line["references"] == {"random-init": 45.0, "pixels": 90.0}
+    assert line["references"] == {"random-init": 45.0, "pixels": 90.0, "pixels-input": None}
     md = markdown([line], {"digits": (60.0, 70.0)})
     assert "| `a` | 3 | 65.00 | 60.00–70.00 | 45.00 | 30.0 (1/3 not reached) | " \
            "not reached (2/3) | 1/3 (teacher entropy near 0) | 165 | 6.5 |" in md
     assert "(raw pixels: 90.00)" in md
+
+
+def test_pixels_at_the_models_input_size_sit_beside_the_raw_pixels():
+    """A run whose model reads its images resized carries a ``pixels-<size>px`` reference:
+    the summary keeps it on the split the DINO score was read on, and the table's header
+    names it beside the raw pixels."""
+    rows = [{"model": "dino-seed", "metric": "val_knn_top1", "value": 95.0},
+            {"model": "pixels", "metric": "val_knn_top1", "value": 95.5},
+            {"model": "pixels-16px", "metric": "val_knn_top1", "value": 96.0},
+            {"model": "pixels-16px", "metric": "knn_top1", "value": 95.9}]
+    u = unit_summary(rows, [], levels=())
+    assert u["references"] == {"pixels": 95.5, "pixels-input": 96.0}
+    units = [{**_unit(95.0, 10.0, 20.0), "references": {"pixels": 95.5,
+                                                          "pixels-input": v}}
+             for v in (95.0, 96.0, 96.5)]
+    line = aggregate("mnist", Variant("a", "seed").as_json(), units, levels=(60.0,))
+    assert line["references"]["pixels-input"] == 96.0
+    md = markdown([line], {"mnist": (60.0,)})
+    assert "(raw pixels: 95.50; resized to the model's input: 96.00)" in md
+    (flat,) = csv.DictReader(io.StringIO(to_csv([line], {"mnist": (60.0,)})))
+    assert (flat["pixels_knn"], flat["pixels_input_knn"]) == ("95.5", "96.0")
 
 
 def test_unit_summary_records_the_size_of_the_scored_split():
