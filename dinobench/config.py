@@ -140,9 +140,10 @@ class Recipe:
                         "bilinearly) moves every sample point, bending strokes as "
                         "handwriting does (Simard et al. 2003); 0: none")
     elastic_points: int = _f(5, "control points per side of the elastic field: c points are "
-                             "a (c - 1)th of the crop apart, so neighbours can pull a patch "
-                             "inside out (fold it) once 2 x elastic exceeds 1 / (c - 1); "
-                             "fewer points bend the digit as a whole, more bend its strokes")
+                             "about a (c - 1)th of the crop apart, so two neighbours can "
+                             "fold it along a row or column (part of it sampled mirrored) "
+                             "once 2 x elastic exceeds about 1 / (c - 1); fewer points bend "
+                             "the digit as a whole, more bend its strokes")
     stroke_p: float = _f(0.0, "probability that a crop's strokes change width: it moves a "
                          "uniform fraction of the way to its 3x3 grey dilation or erosion "
                          "(equally likely), so stroke width stops telling views apart")

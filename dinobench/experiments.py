@@ -223,8 +223,8 @@ def evaluate_models(ds: Dataset, models: dict[str, ViT], *, seed: int, context: 
     if pixels:
         dev = device or next(next(iter(models.values())).parameters()).device
         stored, model_side = ds.test_images.shape[-1], next(iter(models.values())).cfg.image_size
-        sides = {"pixels": None}
-        if model_side != stored:
+        sides = {"pixels": stored}
+        if model_side < stored:  # shrunk; enlarged pixels add nothing a k-NN can read
             sides[input_pixels_name(model_side)] = model_side
         for name, side in sides.items():
             t0 = time.perf_counter()
@@ -232,7 +232,9 @@ def evaluate_models(ds: Dataset, models: dict[str, ViT], *, seed: int, context: 
                            for x in (ds.train_images, ds.test_images))
             scores = feature_scores(train, test, ds, cfg, labelled=labelled, val=val,
                                     seed=seed)
-            rows += _rows(ds.name, name, scores, context, seed, time.perf_counter() - t0)
+            # The side the pixels were read at, where the context names the model's.
+            where = {**context, "image_size": side} if "image_size" in context else context
+            rows += _rows(ds.name, name, scores, where, seed, time.perf_counter() - t0)
     if grid_masks is not None:
         summary = uniform_overlap(grid_masks, cfg.keep_mass).summary()
         scores = _overlap_scores(summary, cfg.keep_mass)

@@ -203,7 +203,8 @@ def knn_time_figure(curves: list[dict], path: str | Path, references: dict | Non
     line per curve (model and seed). Each curve holds ``train_seconds`` and ``val_top1``
     (None where an epoch was not evaluated) and may hold ``levels``, the dataset's
     time-to-accuracy levels, drawn as dotted lines. ``references[dataset][model]``: final
-    validation k-NN of references (raw pixels, random init), drawn dashed."""
+    validation k-NN of references (raw pixels, at the model's input size too where it
+    reads them shrunk, random init), drawn dashed."""
     references = references or {}
     datasets = list(dict.fromkeys(c["dataset"] for c in curves))
     cols = min(len(datasets), 3)

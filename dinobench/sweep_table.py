@@ -7,8 +7,9 @@ the seeds miss it, and the misses are counted), how many seeds collapsed and why
 images/s and training seconds. Variants are sorted by median final k-NN, best first.
 
 Beside each variant, the same k-NN of a random-init ViT of its shape (the chance
-reference: it moves when the variant changes the architecture), and under each table the
-raw-pixel reference.
+reference: it moves when the variant changes the architecture), and above each table the
+raw-pixel reference, with the pixels at the model's input size (``pixels-<size>px``)
+where the variants read their images shrunk.
 
 Everything is read from what a run writes: ``results.json`` rows (``val_knn_top1``,
 ``time_to_knn``, ``train_seconds``, ``images_per_s``, ``collapsed``) where present, else
@@ -91,18 +92,18 @@ def unit_summary(rows: list[dict], history: list[dict], levels) -> dict:
     by_metric = {r["metric"]: r for r in dino}
     knn, split = _final_knn(by_metric, ys, split)
     references = {}
-    # The pixels at the model's input size, where it reads the images resized: one such
-    # reference per run (``pixels-<size>px``), kept under one key.
-    resized = next((r["model"] for r in rows
-                    if str(r.get("model", "")).startswith("pixels-")), None)
-    for key, model in (("random-init", "random-init"), ("pixels", "pixels"),
-                       ("pixels-input", resized)):
+    # Beside random init and the stored pixels, the pixels at the model's input size where
+    # it reads the images shrunk, under their own name (``pixels-16px``), so that
+    # variants of different input sizes never share a reference.
+    models = ["random-init", "pixels"] + sorted({
+        str(r["model"]) for r in rows if str(r.get("model", "")).startswith("pixels-")})
+    for model in models:
         mine = {r["metric"]: r for r in rows if r.get("model") == model}
         # The same split as the DINO score, or none: a test score beside a validation
         # one would not be a reference.
         metric = "val_knn_top1" if split == "validation" else "knn_top1"
         if metric in mine and mine[metric]["value"] is not None:
-            references[key] = float(mine[metric]["value"])
+            references[model] = float(mine[metric]["value"])
     times = {}
     for level in levels:
         row = next((r for r in dino if r["metric"] == "time_to_knn"
@@ -150,7 +151,13 @@ def aggregate(dataset: str, variant: dict, units: list[dict], levels) -> dict:
             "images_per_s": _median([u["images_per_s"] for u in units]),
             "train_seconds": _median([u["train_seconds"] for u in units]),
             "references": {m: _median([u.get("references", {}).get(m) for u in units])
-                           for m in ("random-init", "pixels", "pixels-input")}}
+                           for m in ["random-init", "pixels"] + _resized_pixels(units)}}
+
+
+def _resized_pixels(items: list[dict]) -> list[str]:
+    """The ``pixels-<size>px`` references of units or lines, by name."""
+    return sorted({m for u in items for m in u.get("references", {})
+                   if m.startswith("pixels-")})
 
 
 def _level_key(level: float) -> str:
@@ -205,9 +212,11 @@ def markdown(lines: list[dict], levels: dict[str, tuple], header: str = "") -> s
         mine = [s for s in lines if s["dataset"] == dataset]
         splits = sorted({s["knn_split"] for s in mine})
         pixels = _median([s["references"].get("pixels") for s in mine])
-        resized = _median([s["references"].get("pixels-input") for s in mine])
-        refs = ([f"raw pixels: {pixels:.2f}"] if pixels is not None else []) + (
-            [f"resized to the model's input: {resized:.2f}"] if resized is not None else [])
+        refs = [f"raw pixels: {pixels:.2f}"] if pixels is not None else []
+        for name in _resized_pixels(mine):  # the variants that read their images shrunk
+            value = _median([s["references"].get(name) for s in mine])
+            if value is not None:
+                refs.append(f"{name}, as the model reads them: {value:.2f}")
         out.append(f"## {dataset}\n\nk-NN top-1 (%) of the DINO teacher on the "
                    f"{' / '.join(splits)} split, beside a random-init ViT of the same shape"
                    + (f" ({'; '.join(refs)})" if refs else "")
@@ -239,7 +248,7 @@ def to_csv(lines: list[dict], levels: dict[str, tuple]) -> str:
     union = sorted({lv for lvs in levels.values() for lv in lvs})
     fields = (["dataset", "variant", "recipe", "overrides", "baseline", "seeds", "knn_split",
                "knn_median", "knn_min", "knn_max", "random_init_knn", "pixels_knn",
-               "pixels_input_knn"]
+               "pixels_input", "pixels_input_knn"]
               + [f"time_to_{_level_key(lv)}_{k}" for lv in union
                  for k in ("median_seconds", "not_reached")]
               + ["collapsed", "collapse_reasons", "images_per_s", "train_seconds"])
@@ -252,7 +261,9 @@ def to_csv(lines: list[dict], levels: dict[str, tuple]) -> str:
         flat["collapse_reasons"] = "; ".join(s["collapse_reasons"])
         flat["random_init_knn"] = s["references"].get("random-init")
         flat["pixels_knn"] = s["references"].get("pixels")
-        flat["pixels_input_knn"] = s["references"].get("pixels-input")
+        resized = _resized_pixels([s])  # at most one: a variant has one input size
+        flat["pixels_input"] = resized[0] if resized else None
+        flat["pixels_input_knn"] = s["references"].get(resized[0]) if resized else None
         for key, cell in s["time_to_knn"].items():
             for k, v in cell.items():
                 flat[f"time_to_{key}_{k}"] = v

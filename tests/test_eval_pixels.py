@@ -69,37 +69,61 @@ def test_pixels_rows_give_the_hand_worked_knn_and_the_probe():
     assert got["linear_top1"]["value"] == probe.top1 and got["linear_top1"]["n_labels"] == 4
 
 
+# Shrinking 4 px to 2 with antialiased bilinear filtering, by hand: the triangle filter
+# stretched by the factor 2 (half-width 2 input pixels) centred on input coordinate 0.5
+# for output 0 weighs inputs 0, 1, 2 by 0.75, 0.75, 0.25, normalised: 3/7, 3/7, 1/7;
+# output 1 mirrors it. The 2-D filter is the product of the 1-D ones.
+SHRINK_4_TO_2 = torch.tensor([[3.0, 3.0, 1.0, 0.0], [0.0, 1.0, 3.0, 3.0]],
+                             dtype=torch.float64) / 7
+
+
 def test_a_model_that_reads_resized_images_gets_the_resized_pixels_too():
     """4x4 images read by a 2x2 model: beside ``pixels`` (4x4, as stored) come rows of
-    ``pixels-2px``, whose k-NN equals one on the images shrunk by F.interpolate with
-    antialiasing and normalised here by hand. A model at the stored size gets none."""
+    ``pixels-2px``, whose features are the images shrunk by the hand-worked filter above
+    and whose k-NN is the one on those. A model at the stored size, or at a larger one,
+    gets none. The images: class 0 a little brighter on the left, class 1 on the right,
+    under noise that shrinking averages away, so the 2-px pixels read a better k-NN than
+    the 4-px ones (83 against 58%) and a mixed-up size shows."""
     g = torch.Generator().manual_seed(0)
-    train = torch.randint(0, 256, (40, 1, 4, 4), generator=g, dtype=torch.uint8)
-    test = torch.randint(0, 256, (12, 1, 4, 4), generator=g, dtype=torch.uint8)
-    train_labels, test_labels = torch.arange(40) % 2, torch.arange(12) % 2
+    noise = torch.randint(0, 160, (52, 1, 4, 4), generator=g)
+    labels = torch.arange(52) % 2
+    side = torch.zeros(52, 1, 4, 4, dtype=torch.long)
+    side[labels == 0, :, :, :2] = 30
+    side[labels == 1, :, :, 2:] = 30
+    images = (noise + side).to(torch.uint8)
+    train, test, train_labels, test_labels = images[:40], images[40:], labels[:40], labels[40:]
     ds = Dataset(DatasetSpec("toy4", 4, 2, 1, (0.25,), (0.5,), ("0", "1"), 1), train,
                  train_labels, test, test_labels)
     cfg = EvalConfig(knn=((20, 0.07),), probe_cs=(1.0,), attention_images=0)
     small = random_init_like(ViTConfig(image_size=2, grid=2, in_chans=1, dim=8, depth=1,
                                        heads=1, mlp_dim=8), 0)
-    rows, _ = evaluate_models(ds, {"vit": small}, seed=0, context={}, cfg=cfg)
+    rows, _ = evaluate_models(ds, {"vit": small}, seed=0, context={"image_size": 2}, cfg=cfg)
 
     def shrunk(x):
-        x = torch.nn.functional.interpolate(x.double() / 255, size=(2, 2), mode="bilinear",
-                                            align_corners=False, antialias=True)
+        x = SHRINK_4_TO_2 @ (x[:, 0].double() / 255) @ SHRINK_4_TO_2.T
         return ((x - 0.25) / 0.5).flatten(1)
 
+    torch.testing.assert_close(pixel_features(train, (0.25,), (0.5,), size=2).double(),
+                               shrunk(train), atol=1e-6, rtol=0)
     expected = knn_top1(shrunk(train), train_labels, shrunk(test), test_labels)
-    got = {r["metric"]: r["value"] for r in rows if r["model"] == "pixels-2px"}
+    got = {r["metric"]: r for r in rows if r["model"] == "pixels-2px"}
     assert set(got) == {"knn_top1", "linear_top1"}
-    assert got["knn_top1"] == pytest.approx(expected)
-    stored = {r["metric"]: r["value"] for r in rows if r["model"] == "pixels"}
-    assert stored["knn_top1"] == pytest.approx(knn_top1(
-        ((train.double() / 255 - 0.25) / 0.5).flatten(1), train_labels,
-        ((test.double() / 255 - 0.25) / 0.5).flatten(1), test_labels))
+    assert got["knn_top1"]["value"] == pytest.approx(expected)
+    stored = {r["metric"]: r for r in rows if r["model"] == "pixels"}
+    stored_knn = knn_top1(((train.double() / 255 - 0.25) / 0.5).flatten(1), train_labels,
+                          ((test.double() / 255 - 0.25) / 0.5).flatten(1), test_labels)
+    assert stored["knn_top1"]["value"] == pytest.approx(stored_knn)
+    assert stored_knn != pytest.approx(expected)  # the two sizes read apart here
+    # Each reference's rows name the side its pixels were read at.
+    assert (stored["knn_top1"]["image_size"], got["knn_top1"]["image_size"]) == (4, 2)
     same = random_init_like(ViTConfig(image_size=4, grid=2, in_chans=1, dim=8, depth=1,
                                       heads=1, mlp_dim=8), 0)
     rows, _ = evaluate_models(ds, {"vit": same}, seed=0, context={}, cfg=cfg)
+    assert {r["model"] for r in rows if r["model"].startswith("pixels")} == {"pixels"}
+    # Nor does a model that reads them enlarged: upsampling adds nothing a k-NN can read.
+    large = random_init_like(ViTConfig(image_size=8, grid=2, in_chans=1, dim=8, depth=1,
+                                       heads=1, mlp_dim=8), 0)
+    rows, _ = evaluate_models(ds, {"vit": large}, seed=0, context={}, cfg=cfg)
     assert {r["model"] for r in rows if r["model"].startswith("pixels")} == {"pixels"}
 
 

@@ -23,6 +23,7 @@ from dinobench.dino.multicrop import (
     MultiCropConfig,
     boxes_to_affine,
     change_stroke,
+    displacement_grid,
     random_displacements,
     random_rotations,
     resample,
@@ -160,26 +161,32 @@ def test_random_displacements_fill_their_range():
     assert d.min() < -0.19 and d.max() > 0.19 and abs(d.mean()) < 0.005
 
 
-def _folds(strength: float, points: int, n: int = 500, size: int = 64) -> float:
-    """Fraction of ``n`` fields whose x map (each sample column plus its x displacement,
-    in pixels) runs backwards somewhere along a row: a fold, where the crop shows part of
-    the digit mirrored."""
-    d = random_displacements(n, strength, gen(5), "cpu", points)
-    x = torch.linspace(-1, 1, size) + F.interpolate(d, size=(size, size), mode="bilinear",
-                                                    align_corners=True)[:, 0]
+def _folds(strength: float, points: int, n: int = 500, size: int = 17) -> float:
+    """Fraction of ``n`` fields whose x map, as :func:`resample` builds it (each sample's
+    x in the crop plus its x displacement), runs backwards somewhere along a row: a fold,
+    where the crop shows part of the digit mirrored. At 17 px and 5 points the control
+    points sit on every fourth sample row and column, so no fold falls between samples."""
+    d = displacement_grid(random_displacements(n, strength, gen(5), "cpu", points), size)
+    eye = torch.eye(2, 3).expand(n, 2, 3)
+    x = F.affine_grid(eye, [n, 1, size, size], align_corners=False)[..., 0] + d[..., 0]
     return ((x[:, :, 1:] - x[:, :, :-1]) < 0).flatten(1).any(1).float().mean().item()
 
 
-def test_fewer_control_points_fold_no_crop():
-    """Neighbouring control points are 2 / (c - 1) normalised units apart and can move
-    2 x 2 x strength towards each other: below that spacing no field folds, above it
-    most do. At strength 0.2, 3 points (spacing 1, closing at most 0.8) never fold. At 5
-    points (spacing 0.5) each of a field's 20 pairs of x neighbours closes by more than
-    the spacing with probability ((0.8 - 0.5) / 0.8)^2 / 2 = 0.0703 (the difference of
-    two uniforms is triangular), so 1 - (1 - 0.0703)^20 = 0.767 of the fields fold in x."""
-    assert _folds(0.2, 3) == 0.0
-    assert abs(_folds(0.2, 5, n=2000) - (1 - (1 - 0.375 ** 2 / 2) ** 20)) < 0.04
-    assert _folds(0.1, 5) == 0.0  # spacing 0.5, closing at most 0.4
+def test_fewer_control_points_fold_no_row():
+    """At ``size`` samples the c control points of a row are s = 2 (1 - 1/size) / (c - 1)
+    normalised units apart, and two neighbours can close by up to 2 x 2 x strength. A
+    pair folds when it closes by more than s: for x draws uniform in +-a (a = 2 x
+    strength) that has probability p = ((2a - s) / 2a)^2 / 2 (the difference of two
+    uniforms is triangular). Neighbouring pairs of a row cannot both fold (the point
+    they share would have to move both ways) and the others are independent, so at 5
+    points a row folds with probability 4p - 3p^2, and one of 5 rows with
+    1 - (1 - 4p + 3p^2)^5. At strength 0.2 and 17 px: p = 0.0848, 0.852 of the fields.
+    At 3 points, or at strength 0.1, s exceeds the largest closing: no row folds."""
+    a, s = 0.4, 2 * (1 - 1 / 17) / 4
+    p = ((2 * a - s) / (2 * a)) ** 2 / 2
+    assert abs(_folds(0.2, 5, n=2000) - (1 - (1 - 4 * p + 3 * p * p) ** 5)) < 0.03
+    assert _folds(0.2, 3) == 0.0  # s = 0.94 > 0.8
+    assert _folds(0.1, 5) == 0.0  # s = 0.47 > 0.4
 
 
 def test_elastic_points_reach_the_crops():

@@ -196,7 +196,7 @@ def test_aggregate_median_spread_and_misses():
     assert line["time_to_knn"]["70"] == {"median_seconds": None, "not_reached": 2}
     assert line["collapsed"] == 1 and line["collapse_reasons"] == ["teacher entropy near 0"]
     assert line["images_per_s"] == 165.0 and line["train_seconds"] == 6.5
-    assert line["references"] == {"random-init": 45.0, "pixels": 90.0, "pixels-input": None}
+    assert line["references"] == {"random-init": 45.0, "pixels": 90.0}
     md = markdown([line], {"digits": (60.0, 70.0)})
     assert "| `a` | 3 | 65.00 | 60.00–70.00 | 45.00 | 30.0 (1/3 not reached) | " \
            "not reached (2/3) | 1/3 (teacher entropy near 0) | 165 | 6.5 |" in md
@@ -212,16 +212,28 @@ def test_pixels_at_the_models_input_size_sit_beside_the_raw_pixels():
             {"model": "pixels-16px", "metric": "val_knn_top1", "value": 96.0},
             {"model": "pixels-16px", "metric": "knn_top1", "value": 95.9}]
     u = unit_summary(rows, [], levels=())
-    assert u["references"] == {"pixels": 95.5, "pixels-input": 96.0}
-    units = [{**_unit(95.0, 10.0, 20.0), "references": {"pixels": 95.5,
-                                                          "pixels-input": v}}
+    assert u["references"] == {"pixels": 95.5, "pixels-16px": 96.0}
+    units = [{**_unit(95.0, 10.0, 20.0), "references": {"pixels": 95.5, "pixels-16px": v}}
              for v in (95.0, 96.0, 96.5)]
     line = aggregate("mnist", Variant("a", "seed").as_json(), units, levels=(60.0,))
-    assert line["references"]["pixels-input"] == 96.0
-    md = markdown([line], {"mnist": (60.0,)})
-    assert "(raw pixels: 95.50; resized to the model's input: 96.00)" in md
-    (flat,) = csv.DictReader(io.StringIO(to_csv([line], {"mnist": (60.0,)})))
-    assert (flat["pixels_knn"], flat["pixels_input_knn"]) == ("95.5", "96.0")
+    assert line["references"]["pixels-16px"] == 96.0
+    # A variant at another input size keeps its own reference: sizes are never merged,
+    # and a variant at the stored size has none.
+    other = aggregate("mnist", Variant("b", "seed").as_json(),
+                      [{**_unit(94.0, 10.0, 20.0), "references": {"pixels": 95.5,
+                                                                  "pixels-20px": 96.1}}],
+                      levels=(60.0,))
+    stored = aggregate("mnist", Variant("c", "seed").as_json(), [_unit(93.0, 10.0, 20.0)],
+                       levels=(60.0,))
+    md = markdown([line, other, stored], {"mnist": (60.0,)})
+    assert ("(raw pixels: 95.50; pixels-16px, as the model reads them: 96.00; pixels-20px, "
+            "as the model reads them: 96.10)") in md
+    flat = list(csv.DictReader(io.StringIO(to_csv([line, other, stored], {"mnist": (60.0,)}))))
+    assert [(f["pixels_input"], f["pixels_input_knn"]) for f in flat] == [
+        ("pixels-16px", "96.0"), ("pixels-20px", "96.1"), ("", "")]
+    # No resized reference: the lookup matches no row, not rows without a model.
+    assert unit_summary([{"metric": "val_knn_top1", "value": 1.0}], [],
+                        levels=())["references"] == {}
 
 
 def test_unit_summary_records_the_size_of_the_scored_split():
