@@ -305,6 +305,27 @@ EVAL_FEATURES = {
                       "the final norm, concatenated",
 }
 
+# The raw-pixel references as the results name them: ``pixels`` at the stored size, and
+# ``pixels-<size>px`` at a model's input size where it reads the images shrunk
+# (``eval/pixels.py`` makes both).
+def input_pixels_name(size: int) -> str:
+    """The reference of the pixels at a model's input side, where it differs from the
+    stored side (``--image-size``): ``pixels-16px``. Resizing alone changes what a k-NN
+    reads (a smaller image is a smoothed one), so a model that reads its images at
+    another size is set beside the pixels at that size too."""
+    return f"pixels-{size}px"
+
+
+def is_resized_pixels(model: str) -> bool:
+    """Whether ``model`` names a reference made by :func:`input_pixels_name`."""
+    return model.startswith("pixels-")
+
+
+def is_pixels(model: str) -> bool:
+    """Whether ``model`` names a raw-pixel reference, at the stored size or resized."""
+    return model == "pixels" or is_resized_pixels(model)
+
+
 # Autocast of the training step (--precision): auto is bf16 on CUDA and float32 on a CPU.
 PRECISIONS = ("auto", "bf16", "fp32")
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .config import input_pixels_name
 from .curves import (  # noqa: F401 (re-exported: the comparisons' public names)
     dino_curve,
     dino_epoch_evaluator,
@@ -41,7 +42,7 @@ from .eval.attention import (
 from .eval.features import extract_features
 from .eval.knn import knn_top1
 from .eval.linear_probe import DEFAULT_CS, linear_probe
-from .eval.pixels import input_pixels_name, pixel_features
+from .eval.pixels import pixel_features
 from .eval.supervised import SupervisedConfig, train_supervised
 from .eval.time_to_accuracy import time_to_knn, training_scores
 from .vit import ViT, ViTConfig

@@ -15,7 +15,7 @@ import json
 import math
 from pathlib import Path
 
-from .config import EVAL_FEATURES
+from .config import EVAL_FEATURES, is_pixels
 from .errors import UserError
 from .figures import (
     attention_figure,
@@ -172,9 +172,9 @@ def pixels_note(summary: list[dict], leading: tuple[str, ...] = ()) -> str:
     pixel rows."""
     knn = [s for s in summary if s["metric"] == "knn_top1" and s["n"]]
     group = lambda s: tuple(s.get(k) for k in leading) + (s["dataset"],)
-    is_pixels = lambda s: s["model"] == "pixels" or s["model"].startswith("pixels-")
     pixels: dict = {}  # group -> {pixel reference: mean}, at the stored size first
-    for s in sorted((s for s in knn if is_pixels(s)), key=lambda s: s["model"] != "pixels"):
+    for s in sorted((s for s in knn if is_pixels(s["model"])),
+                    key=lambda s: s["model"] != "pixels"):
         pixels.setdefault(group(s), {})[s["model"]] = s["mean"]
     if not pixels:
         return ""
@@ -184,7 +184,7 @@ def pixels_note(summary: list[dict], leading: tuple[str, ...] = ()) -> str:
         # the model's input size where it reads them resized.
         ref = max(refs.values())
         below = [f"{s['model']} ({s['mean']:.2f})" for s in knn
-                 if group(s) == g and not is_pixels(s) and s["mean"] <= ref]
+                 if group(s) == g and not is_pixels(s["model"]) and s["mean"] <= ref]
         if below:
             named = ", ".join(f"{'raw pixels' if m == 'pixels' else m} {v:.2f}"
                               for m, v in refs.items())
@@ -326,7 +326,7 @@ def write_figures(out_dir: Path, figures: dict, rows: list[dict] | None = None
         references: dict[str, dict] = {}
         for s in summary:
             if s["metric"] == "val_knn_top1" and s["n"] and (
-                    s["model"] in ("pixels", "random-init") or s["model"].startswith("pixels-")):
+                    s["model"] == "random-init" or is_pixels(s["model"])):
                 references.setdefault(s["dataset"], {})[s["model"]] = s["mean"]
         path = out_dir / "knn_vs_time.png"
         knn_time_figure(timed, path, references,

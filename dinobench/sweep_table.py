@@ -25,6 +25,8 @@ import io
 import math
 import statistics
 
+from .config import is_resized_pixels
+
 
 def _dino(rows: list[dict]) -> list[dict]:
     return [r for r in rows if str(r.get("model", "")).startswith("dino-")]
@@ -96,7 +98,7 @@ def unit_summary(rows: list[dict], history: list[dict], levels) -> dict:
     # it reads the images shrunk, under their own name (``pixels-16px``), so that
     # variants of different input sizes never share a reference.
     models = ["random-init", "pixels"] + sorted({
-        str(r["model"]) for r in rows if str(r.get("model", "")).startswith("pixels-")})
+        str(r["model"]) for r in rows if is_resized_pixels(str(r.get("model", "")))})
     for model in models:
         mine = {r["metric"]: r for r in rows if r.get("model") == model}
         # The same split as the DINO score, or none: a test score beside a validation
@@ -157,7 +159,7 @@ def aggregate(dataset: str, variant: dict, units: list[dict], levels) -> dict:
 def _resized_pixels(items: list[dict]) -> list[str]:
     """The ``pixels-<size>px`` references of units or lines, by name."""
     return sorted({m for u in items for m in u.get("references", {})
-                   if m.startswith("pixels-")})
+                   if is_resized_pixels(m)})
 
 
 def _level_key(level: float) -> str:

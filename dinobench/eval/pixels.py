@@ -31,10 +31,3 @@ def pixel_features(images: torch.Tensor, mean, std, *, size: int | None = None,
         return torch.zeros(0, images.shape[1] * size * size, device=device)
     return torch.cat(out)
 
-
-def input_pixels_name(size: int) -> str:
-    """The reference of the pixels at a model's input side, where it differs from the
-    stored side (``--image-size``): ``pixels-16px``. Resizing alone changes what a k-NN
-    reads (a smaller image is a smoothed one), so a model that reads its images at
-    another size is set beside the pixels at that size too."""
-    return f"pixels-{size}px"
