@@ -142,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "which training is measured (never the test split): a count (500) or "
                     "a fraction (0.1); stratified, at least one image per class (default: "
                     "10%%, at most 5000)")
+    ev.add_argument("--val-unseen", action="store_true",
+                    help="hold the validation images out of pre-training too, so the "
+                    "validation k-NN queries images the model never trained on, as the test "
+                    "split's are (default: they stay in pre-training, labels unseen, which "
+                    "reads higher; docs/metrics.md)")
     ev.add_argument("--label-budgets", type=float, nargs="*", default=None, metavar="F",
                     help="labels versus no labels: fractions of the labelled split for the "
                     "linear probe and for a ViT trained from scratch with labels; give no "
@@ -207,7 +212,8 @@ def _run(args: argparse.Namespace) -> None:
                    label_budgets=(tuple(args.label_budgets)
                                   if args.label_budgets is not None else None),
                    supervised_epochs=args.supervised_epochs, test_subset=args.test_subset,
-                   val_size=args.val_size, budget_seconds=args.budget_seconds,
+                   val_size=args.val_size, val_unseen=args.val_unseen,
+                   budget_seconds=args.budget_seconds,
                    command=getattr(args, "typed", None)))
 
 

@@ -130,7 +130,8 @@ class Recipe:
     antialias: bool = _f(False, "low-pass a crop that shrinks its source: each output pixel "
                                "averages k x k bilinear samples over its footprint (k = the "
                                "largest shrink factor, rounded up), as PIL's resize filters "
-                               "instead of aliasing; in practice the local crops")
+                               "instead of aliasing: the local crops, and the global views "
+                               "too where --image-size is under the stored side")
     rotation: float = _f(0.0, "largest rotation of a crop, in degrees: each crop turns by "
                          "an angle uniform in +-rotation about its centre (slant is a "
                          "digit's style, not its class); 0: none")

@@ -25,6 +25,7 @@ import torch
 from . import __version__, checkpoint
 from . import distributed as distrib
 from .config import EVAL_FEATURES, PROFILES, Recipe, get_recipe, recipe_identity
+from .curves import check_hold_out, hold_out_of_pretraining
 from .data import COMPOSITES, SPECS, Dataset, DatasetSpec, known_datasets, load_dataset
 from .data.subsets import validation_count
 from .devices import default_device, resolve_device
@@ -79,6 +80,9 @@ class RunOptions:
     # Held out of the train split's k-NN bank to measure training on (never the test
     # split): a count, or a fraction in (0, 1); None: 10%, at most 5,000.
     val_size: int | float | None = None
+    # Hold the validation images out of pre-training too, so the validation k-NN queries
+    # images the model never trained on, as the test split's are (curves.py).
+    val_unseen: bool = False
     # Stop training once this many seconds of it (evaluation excluded) have passed; the
     # schedules stay planned on the epochs, which the budget truncates. None: no budget.
     budget_seconds: float | None = None
@@ -185,6 +189,8 @@ def unit_identity(ds: Dataset, seed: int, opts: RunOptions, recipe: Recipe, cfg:
                 "vit": vit_identity(cfg),
                 # The records' validation k-NN must all come from one validation subset.
                 "val_size": opts.val_size}
+    if opts.val_unseen:  # (absent: the validation images pre-trained on, as before)
+        identity["val_unseen"] = True
     if opts.eval_feature != "cls":  # and one feature (absent: CLS, as before the option)
         identity["eval_feature"] = opts.eval_feature
     if opts.precision != "auto":  # and one precision (absent: auto, as before the option)
@@ -375,6 +381,8 @@ def check_data(opts: RunOptions, datasets: list[Dataset]) -> None:
             raise ConfigError(f"--batch-size {recipe.batch_size} exceeds the {n:,} "
                               f"pre-training images of {ds.name}; lower --batch-size")
         validation_split(ds, opts.val_size)  # a hold-out the split cannot give fails here
+        if opts.val_unseen:
+            check_hold_out(ds)
 
 
 def default_out(opts: RunOptions) -> Path:
@@ -406,6 +414,9 @@ def run(opts: RunOptions | None = None, log: Callable[[str], None] = print) -> l
     folder = RunFolder(Path(opts.out) if opts.out else default_out(opts))
     datasets = [load_dataset(name, **opts.data_kwargs()) for name in opts.datasets]
     check_data(opts, datasets)
+    if opts.val_unseen:
+        datasets = [hold_out_of_pretraining(ds, validation_split(ds, opts.val_size)[0])
+                    for ds in datasets]
     t0 = time.perf_counter()
     # The commit whose code this process runs: read now, since a long run can end after
     # the checkout has moved on.
@@ -439,6 +450,8 @@ def run(opts: RunOptions | None = None, log: Callable[[str], None] = print) -> l
             "machine": machine(), "threads": torch.get_num_threads(),
             "world_size": info.world_size, "deterministic": opts.deterministic,
             "eval_feature": opts.eval_feature,
+            # Whether the validation images were held out of pre-training (--val-unseen).
+            "val_unseen": opts.val_unseen,
             "precision": resolved_precision(opts.precision, device),
             "seconds": round(time.perf_counter() - t0, 1),
         }

@@ -222,6 +222,9 @@ def _header(opts: SweepOptions, n_done: int) -> str:
             f"({n_done}/{total} runs finished), recipe `{opts.variants[0].recipe}`, "
             f"profile {profile}, budget: {budget}. k-NN on "
             f"{EVAL_FEATURES[r.get('eval_feature') or 'cls']}. "
+            + ("Validation images held out of pre-training (--val-unseen). "
+               if r.get("val_unseen") else "Validation images also pre-trained on "
+               "(labels unseen; --val-unseen holds them out). ") +
             "A variant is named after the flags that vary; `preset=...` lines are "
             "presets added by --compare-recipes. Sorted by median final k-NN. A seed that "
             "never reached a level counts as slower than any: the median reads \"not "
@@ -344,6 +347,8 @@ def options_from_args(args: argparse.Namespace) -> SweepOptions:
            "download": args.download, "train_subset": args.train_subset,
            "labels_per_class": args.labels_per_class, "test_subset": args.test_subset,
            "pretrain_subset": args.pretrain_subset, "val_size": args.val_size,
+           # Only when set: a sweep from before the flag resumes with its own command.
+           **({"val_unseen": True} if args.val_unseen else {}),
            "budget_seconds": args.budget_seconds,
            # The costly extras of a run, off: one supervised ViT per label budget, and the
            # attention figure.

@@ -150,6 +150,9 @@ def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
     ev.add_argument("--val-size", type=count_or_fraction, default=None, metavar="N|F",
                     help="validation subset held out of the train split's k-NN bank: a "
                     "count (500) or a fraction (0.1) (default: run's, 10%%, at most 5000)")
+    ev.add_argument("--val-unseen", action="store_true",
+                    help="hold the validation images out of pre-training too, as run's "
+                    "flag (default: they stay in pre-training)")
     ev.add_argument("--knn-k", type=int, default=20, help="k-NN neighbours (default: 20)")
     ev.add_argument("--knn-temperature", type=float, default=0.07,
                     help="k-NN vote temperature (default: 0.07)")
