@@ -42,6 +42,8 @@ BAD_FLAGS = [
     (["--val-size", "1.5"], "--val-size 1.5 as a fraction must lie in (0, 1)"),
     (["--val-size", "5"], "--val-size 5 is below the 10 classes"),
     (["--val-size", "1340"], "--val-size 1,340 leaves no k-NN bank image for some class"),
+    (["--val-unseen", "--pretrain-subset", "500"],
+     "--val-unseen holds the validation images out of pre-training"),
 ]
 
 
