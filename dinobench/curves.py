@@ -5,7 +5,7 @@ Training-time accuracy is measured on a fixed validation subset held out from th
 split (k-NN bank: the rest of the train split), never on the test split, which only the
 final evaluation reads. By default the held-out images stay in the pre-training set (DINO
 never sees their labels), so the validation queries are images the model trained on,
-where the test split's are not; on MNIST that reads about 0.4 points of k-NN higher than
+where the test split's are not; on MNIST that reads about 0.3 points of k-NN higher than
 the same images held out (docs/metrics.md). :func:`hold_out_of_pretraining`
 (``--val-unseen``) takes them out of pre-training too, so validation reads as test does.
 """

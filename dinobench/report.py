@@ -245,6 +245,17 @@ def features_note(meta: dict | None) -> str:
     return f"ViT features (k-NN and linear probes): {EVAL_FEATURES.get(feature, feature)}.\n\n"
 
 
+def validation_note(meta: dict | None) -> str:
+    """Whether the validation images were pre-trained on; empty for results written
+    before there was a choice (they were)."""
+    unseen = meta.get("val_unseen") if isinstance(meta, dict) else None
+    if unseen is None:
+        return ""
+    return ("Validation images held out of pre-training (--val-unseen).\n\n" if unseen
+            else "Validation images also pre-trained on, their labels unseen "
+            "(--val-unseen holds them out).\n\n")
+
+
 def to_markdown(rows: list[dict], meta: dict | None = None) -> str:
     """The long table; when the rows hold more than k-NN, sections before it: a summary
     across datasets, labels versus no labels, and background x resolution. Led by
@@ -253,12 +264,12 @@ def to_markdown(rows: list[dict], meta: dict | None = None) -> str:
     summary = summarize(rows)
     if all(s["metric"] == "knn_top1" for s in summary):
         return note + long_table(summary)
-    table = summary_table(summary)
+    table, times = summary_table(summary), time_table(summary)
     sections = [("Summary (top-1 and overlap scores, %)",
                  table + ("\n" + pixels_note(summary) if table and pixels_note(summary)
                           else "")),
                 ("Time to validation k-NN (seconds of training, evaluations excluded)",
-                 time_table(summary)),
+                 validation_note(meta) + times if times else ""),
                 ("Labels versus no labels: test top-1 (%) by number of labelled images",
                  _pivot(_group_models([s for s in summary
                                        if s["metric"] == "label_budget_top1"],

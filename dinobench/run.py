@@ -376,13 +376,14 @@ def check_data(opts: RunOptions, datasets: list[Dataset]) -> None:
     """Checks that need the loaded data, still before anything is written."""
     for ds in datasets:
         recipe = resolve_recipe(opts, ds.name, ds.spec.epochs)
-        n = ds.pretrain_images.shape[0]
-        if n < recipe.batch_size:
-            raise ConfigError(f"--batch-size {recipe.batch_size} exceeds the {n:,} "
-                              f"pre-training images of {ds.name}; lower --batch-size")
-        validation_split(ds, opts.val_size)  # a hold-out the split cannot give fails here
+        val, _ = validation_split(ds, opts.val_size)  # a hold-out it cannot give fails here
+        n, held = ds.pretrain_images.shape[0], ""
         if opts.val_unseen:
             check_hold_out(ds)
+            n, held = n - len(val), " left by --val-unseen"
+        if n < recipe.batch_size:
+            raise ConfigError(f"--batch-size {recipe.batch_size} exceeds the {n:,} "
+                              f"pre-training images of {ds.name}{held}; lower --batch-size")
 
 
 def default_out(opts: RunOptions) -> Path:

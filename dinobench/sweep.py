@@ -47,7 +47,7 @@ UNIT_MARKER = "sweep_unit.json"
 _NOT_IDENTITY = ("out", "resume", "restart", "progress", "checkpoint_every", "seeds")
 # RunOptions fields added after sweeps were first written: left out at their default,
 # which is what those sweeps computed, so rerunning one still finds its runs.
-_LATER_DEFAULTS = {"eval_feature": "cls", "precision": "auto"}
+_LATER_DEFAULTS = {"eval_feature": "cls", "precision": "auto", "val_unseen": False}
 
 
 @dataclasses.dataclass
@@ -347,8 +347,7 @@ def options_from_args(args: argparse.Namespace) -> SweepOptions:
            "download": args.download, "train_subset": args.train_subset,
            "labels_per_class": args.labels_per_class, "test_subset": args.test_subset,
            "pretrain_subset": args.pretrain_subset, "val_size": args.val_size,
-           # Only when set: a sweep from before the flag resumes with its own command.
-           **({"val_unseen": True} if args.val_unseen else {}),
+           "val_unseen": args.val_unseen,
            "budget_seconds": args.budget_seconds,
            # The costly extras of a run, off: one supervised ViT per label budget, and the
            # attention figure.

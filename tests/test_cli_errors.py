@@ -44,6 +44,8 @@ BAD_FLAGS = [
     (["--val-size", "1340"], "--val-size 1,340 leaves no k-NN bank image for some class"),
     (["--val-unseen", "--pretrain-subset", "500"],
      "--val-unseen holds the validation images out of pre-training"),
+    (["--val-unseen", "--batch-size", "1300"],
+     "--batch-size 1300 exceeds the 1,212 pre-training images of digits left by --val-unseen"),
 ]
 
 
