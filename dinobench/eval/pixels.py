@@ -30,4 +30,3 @@ def pixel_features(images: torch.Tensor, mean, std, *, size: int | None = None,
     if not out:
         return torch.zeros(0, images.shape[1] * size * size, device=device)
     return torch.cat(out)
-
