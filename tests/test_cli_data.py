@@ -212,10 +212,11 @@ def test_real_mnist_and_cifar10_run_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_stl10_runs_end_to_end_from_its_binary_layout(tmp_path):
-    """The README's STL-10 command on files in the layout the STL-10 archive unpacks to
-    (``stl10_binary/*.bin``, column-major images, 1-based labels), with a tiny ViT:
-    pre-training draws from the unlabelled split, the probes and k-NN bank from the
-    labelled train split, the scores from the test split."""
+    """The README's STL-10 command, ``--pretrain-subset`` included, on files in the
+    layout the STL-10 archive unpacks to (``stl10_binary/*.bin``, column-major images,
+    1-based labels), with a tiny ViT: pre-training draws its subset from the unlabelled
+    split, the probes and k-NN bank from the labelled train split, the scores from the
+    test split."""
     x_train, y_train, x_test, y_test, x_unlabeled = small_stl10()
     write_stl10_binary(tmp_path / "data", x_train, y_train, x_test, y_test, x_unlabeled)
     out = tmp_path / "out"
@@ -223,12 +224,12 @@ def test_stl10_runs_end_to_end_from_its_binary_layout(tmp_path):
                     "--epochs", "1", "--out", str(out), "--no-progress", "--depth", "1",
                     "--dim", "32", "--heads", "2", "--mlp-dim", "64", "--out-dim", "64",
                     "--batch-size", "10", "--n-local", "2", "--label-budgets",
-                    "--val-size", "10")
+                    "--val-size", "10", "--pretrain-subset", str(len(x_unlabeled) - 4))
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads((out / "results.json").read_text())
     knn = [r for r in data["rows"] if r["metric"] == "knn_top1"]
     assert {r["model"] for r in knn} == {"dino-small", "random-init", "pixels"}
     assert all(r["dataset"] == "stl10" and r["n_test"] == len(x_test) for r in knn)
     assert data["meta"]["recipes"]["stl10"]["name"] == "small"
-    log = proc.stderr + proc.stdout  # pre-training reads the unlabelled split alone
-    assert f"[stl10] {len(x_unlabeled)} pre-training images, {len(x_test)} test" in log
+    log = proc.stderr + proc.stdout  # pre-training reads its subset of the unlabelled split
+    assert f"[stl10] {len(x_unlabeled) - 4} pre-training images, {len(x_test)} test" in log
