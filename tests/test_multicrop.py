@@ -3,6 +3,7 @@ their position, colour operations against torchvision, blur against a float64 lo
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -297,12 +298,28 @@ def test_reproducible_with_the_same_seed():
     assert not torch.equal(a[0], c[0]) and not torch.equal(a[1], c[1])
 
 
-def test_single_channel_skips_colour():
-    """1-channel data (MNIST) runs with the full recipe: no colour op, finite output."""
+def test_single_channel_skips_colour(monkeypatch):
+    """1-channel data (MNIST) runs with the full recipe without any colour op: the
+    colour functions are never called, and the crops are bit-equal, for the same seed,
+    to those of the same recipe with colour jitter and greyscale turned off (so no
+    colour randomness is drawn or applied either)."""
+    import dinobench.dino.multicrop as mc_module
+
     images = torch.randint(0, 256, (4, 1, 16, 16), dtype=torch.uint8)
-    g, loc = MultiCrop(full_cfg(1))(images, gen())
+    cfg = full_cfg(1)
+    assert cfg.jitter_p > 0 and cfg.grey_p > 0
+    no_colour = dataclasses.replace(cfg, jitter_p=0.0, grey_p=0.0)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("colour op called on 1-channel images")
+
+    for name in ("colour_jitter", "grey", "shift_hue"):
+        monkeypatch.setattr(mc_module, name, refuse)
+    g, loc = MultiCrop(cfg)(images, gen())
+    want_g, want_loc = MultiCrop(no_colour)(images, gen())
     assert g.shape == (8, 1, 16, 16) and loc.shape == (12, 1, 8, 8)
     assert torch.isfinite(g).all() and torch.isfinite(loc).all()
+    assert torch.equal(g, want_g) and torch.equal(loc, want_loc)
 
 
 def test_bad_input_rejected():

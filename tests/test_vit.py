@@ -33,9 +33,78 @@ def test_sdpa_path_equals_explicit_path():
             torch.testing.assert_close(feat, vit(x), rtol=1e-4, atol=1e-5)
 
 
+def _layer_norm64(x, weight, bias, eps=1e-6):
+    """LayerNorm over the last axis by its definition: biased variance, eps inside."""
+    mu = x.mean(-1, keepdim=True)
+    var = ((x - mu) ** 2).mean(-1, keepdim=True)
+    return (x - mu) / torch.sqrt(var + eps) * weight.double() + bias.double()
+
+
+def _linear64(x, layer):
+    return x @ layer.weight.double().T + layer.bias.double()
+
+
+def _vit_by_hand(vit: ViT, x: torch.Tensor) -> torch.Tensor:
+    """The CLS feature of the patch-stem ViT written out in float64 from its parameters:
+    patches cut by reshaping and embedded by a matmul; CLS token and positions (bicubic
+    F.interpolate for another grid); per block, pre-norm attention with each head's
+    softmax(q k^T / sqrt(d)) v computed on its own and the heads concatenated in order,
+    then proj, residual, pre-norm MLP (Linear, erf GELU, Linear), residual; final norm."""
+    cfg = vit.cfg
+    p, D, H = cfg.patch_size, cfg.dim, cfg.heads
+    d = D // H
+    B, C, Hi, Wi = x.shape
+    gh, gw = Hi // p, Wi // p
+    patches = (x.double().reshape(B, C, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5)
+               .reshape(B, gh * gw, C * p * p))  # row-major over the grid
+    w = vit.patch_embed.weight.double().reshape(D, C * p * p)
+    t = patches @ w.T + vit.patch_embed.bias.double()
+    pe = vit.pos_embed.double()
+    if (gh, gw) != (cfg.grid, cfg.grid):
+        pe = _interpolated_pos_embed(pe, cfg.grid, gh, gw)
+    t = torch.cat([vit.cls_token.double().expand(B, 1, D), t], dim=1) + pe
+    for blk in vit.blocks:
+        qkv = _linear64(_layer_norm64(t, blk.norm1.weight, blk.norm1.bias), blk.attn.qkv)
+        heads = []
+        for h in range(H):
+            q = qkv[..., h * d:(h + 1) * d]
+            k = qkv[..., D + h * d:D + (h + 1) * d]
+            v = qkv[..., 2 * D + h * d:2 * D + (h + 1) * d]
+            heads.append(torch.softmax(q @ k.transpose(1, 2) / math.sqrt(d), dim=-1) @ v)
+        t = t + _linear64(torch.cat(heads, dim=-1), blk.attn.proj)
+        hidden = _linear64(_layer_norm64(t, blk.norm2.weight, blk.norm2.bias), blk.mlp[0])
+        hidden = 0.5 * hidden * (1 + torch.erf(hidden / math.sqrt(2)))
+        t = t + _linear64(hidden, blk.mlp[2])
+    return _layer_norm64(t[:, 0], vit.norm.weight, vit.norm.bias)
+
+
+def test_forward_equals_a_float64_forward_written_out_by_hand():
+    """The whole forward, fused and explicit attention paths, equals a float64 forward
+    written out from the model's parameters, on every image, for a global crop and a
+    smaller (interpolated) one. Every parameter is redrawn at unit-ish scale first, so
+    attention is far from uniform, norms have non-trivial gains and biases, and heads
+    hold different values (a mixed-up head merge or a wrong scale shows)."""
+    vit = small_vit()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, prm in vit.named_parameters():
+            std = 0.3 if name.endswith("weight") and prm.ndim == 2 else 0.5
+            prm.copy_(torch.randn(prm.shape, generator=gen) * std)
+            if "norm" in name and name.endswith("weight"):
+                prm.add_(1.0)  # layer-norm gains around 1
+        for size in (16, 8):
+            x = torch.randn(3, 3, size, size, generator=gen)
+            want = _vit_by_hand(vit, x)
+            for got in (vit(x), vit.forward_all_explicit(x), vit.forward_with_attention(x)[0]):
+                assert got.shape == (3, vit.cfg.dim) and got.dtype == torch.float32
+                for b in range(3):
+                    torch.testing.assert_close(got[b].double(), want[b], rtol=1e-5,
+                                               atol=1e-5)
+
+
 def test_attention_weights_match_float64_softmax():
-    """The last block's weights equal softmax(q k^T / sqrt(d)) per head, computed here in
-    float64 from the block's own qkv projection; rows sum to 1."""
+    """The last block's weights equal softmax(q k^T / sqrt(d)) per head and per image,
+    computed here in float64 from the block's own qkv projection; rows sum to 1."""
     vit = small_vit()
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
@@ -50,11 +119,12 @@ def test_attention_weights_match_float64_softmax():
     d = D // H
     assert attn.shape == (B, H, N, N) and attn.dtype == torch.float32
     torch.testing.assert_close(attn.sum(-1), torch.ones(B, H, N), rtol=0, atol=1e-5)
-    for h in range(H):
-        q = qkv[0, :, h * d:(h + 1) * d]
-        k = qkv[0, :, D + h * d:D + (h + 1) * d]
-        want = torch.softmax(q @ k.T / math.sqrt(d), dim=-1)
-        torch.testing.assert_close(attn[0, h].double(), want, rtol=1e-4, atol=1e-6)
+    for b in range(B):
+        for h in range(H):
+            q = qkv[b, :, h * d:(h + 1) * d]
+            k = qkv[b, :, D + h * d:D + (h + 1) * d]
+            want = torch.softmax(q @ k.T / math.sqrt(d), dim=-1)
+            torch.testing.assert_close(attn[b, h].double(), want, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("hw", [(16, 16), (16, 8)])
