@@ -202,32 +202,80 @@ def test_records_without_the_marginal_judge_uniform_collapse_only():
     assert "uniform" in collapse_reason(no_kl_uniform)
 
 
+def _cross_entropy64(q_row, student_row):
+    """sum_k -q_k log softmax(student / STUDENT_TEMP)_k in float64 Python floats."""
+    z = [s / STUDENT_TEMP for s in student_row]
+    m = max(z)
+    log_norm = m + math.log(sum(math.exp(x - m) for x in z))
+    return -sum(q * (x - log_norm) for q, x in zip(q_row, z))
+
+
+def _teacher_probs64(teacher_row, center_row, temp):
+    z = [(t - c) / temp for t, c in zip(teacher_row, center_row)]
+    m = max(z)
+    e = [math.exp(x - m) for x in z]
+    return [x / sum(e) for x in e]
+
+
+def _pairs64(q, student, n_global):
+    """The DINO loss and KL(teacher || student), each averaged over every pair (teacher
+    view i, student view v != i) and the batch, crop-major rows, in float64 floats."""
+    b = len(q) // n_global
+    n_crops = len(student) // b
+    pairs = [(i * b + j, v * b + j) for i in range(n_global) for v in range(n_crops)
+             if v != i for j in range(b)]
+    loss = sum(_cross_entropy64(q[t], student[s]) for t, s in pairs) / len(pairs)
+    kl = sum(_kl64(q[t], student[s]) for t, s in pairs) / len(pairs)
+    return loss, kl
+
+
 def test_trainer_history_sums_the_diagnostics_of_every_step(tiny_recipe, tiny_vit_cfg):
-    """Each epoch's record against the targets the loss used, step by step, reduced in
-    float64 here: means over the epoch's steps, argmaxes over the epoch (reset each epoch)."""
+    """Each epoch's record against the teacher and student logits of every step, the
+    targets and the loss recomputed from them in float64 here: means over the epoch's
+    steps, argmaxes over the epoch (reset each epoch)."""
+    assert STUDENT_TEMP == tiny_recipe.student_temp
     crop = MultiCropConfig.from_recipe(tiny_recipe, 16, 4, (0.5,), (0.25,))
     trainer = DINOTrainer(tiny_recipe, tiny_vit_cfg, crop, seed=1, progress=False,
                           log=lambda m: None)
-    targets = []
-    forward_backward = trainer._forward_backward
+    steps = []
+    forward_backward, student_fwd = trainer._forward_backward, trainer.student_fwd
 
-    def recording(*args):
-        out = forward_backward(*args)
-        targets.append(out[1].detach().double().clone())
+    def recording(crops, teacher_temp, *rest):
+        center = trainer.center.detach().double().reshape(-1).tolist()
+        out = forward_backward(crops, teacher_temp, *rest)
+        steps[-1].update(teacher=out[0].detach().double().tolist(), center=center,
+                         temp=teacher_temp, targets=out[1].detach().double().clone())
         return out
 
-    trainer._forward_backward = recording
+    def student(*args, **kwargs):
+        out = student_fwd(*args, **kwargs)
+        steps.append({"student": out.detach().double().tolist()})
+        return out
+
+    trainer._forward_backward, trainer.student_fwd = recording, student
     images = torch.randint(0, 256, (24, 1, 16, 16), dtype=torch.uint8)
     trainer.fit(images)  # 2 epochs of 3 steps
-    assert len(targets) == 6 and len(trainer.history) == 2
+    assert len(steps) == 6 and len(trainer.history) == 2
+    n_global = tiny_recipe.n_global
+    for step in steps:
+        step["q"] = [_teacher_probs64(t, step["center"], step["temp"])
+                     for t in step["teacher"]]
+        # The targets the trainer used are the float64 softmax of the centred logits.
+        torch.testing.assert_close(step["targets"], torch.tensor(step["q"],
+                                                                 dtype=torch.float64),
+                                   rtol=1e-4, atol=1e-6)
+        step["loss"], step["kl"] = _pairs64(step["q"], step["student"], n_global)
     for epoch, rec in enumerate(trainer.history):
-        steps = targets[3 * epoch:3 * epoch + 3]
-        brute = [_brute_force(q, torch.zeros_like(q)) for q in steps]
+        epoch_steps = steps[3 * epoch:3 * epoch + 3]
+        brute = [_brute_force(q, torch.zeros_like(q)) for q in
+                 (torch.tensor(s["q"], dtype=torch.float64) for s in epoch_steps)]
         for key in ("teacher_entropy", "marginal_entropy"):
             want = sum(b[key] for b in brute) / len(brute)
             assert rec[key] == pytest.approx(want, rel=1e-5), (epoch, key)
-        used = {max(range(q.shape[1]), key=lambda k, r=r: r[k])
-                for q in steps for r in q.tolist()}
+        for key in ("loss", "kl"):
+            want = sum(s[key] for s in epoch_steps) / len(epoch_steps)
+            assert rec[key] == pytest.approx(want, rel=1e-5), (epoch, key)
+        used = {max(range(len(r)), key=lambda k, r=r: r[k])
+                for s in epoch_steps for r in s["q"]}
         assert rec["outputs_used"] == len(used)
-        assert rec["kl"] == pytest.approx(rec["loss"] - rec["teacher_entropy"])
         assert rec["log_k"] == pytest.approx(math.log(tiny_recipe.out_dim))

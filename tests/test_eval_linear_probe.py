@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
 from dinobench.errors import ConfigError
-from dinobench.eval.linear_probe import linear_probe
+from dinobench.eval.linear_probe import DEFAULT_CS, linear_probe
 
 
 def blobs(n_per_class: int, classes: int, dim: int, spread: float, seed: int):
@@ -17,6 +18,23 @@ def blobs(n_per_class: int, classes: int, dim: int, spread: float, seed: int):
     return x, y
 
 
+def split(y: torch.Tensor, seed: int = 0):
+    """The documented split: a stratified 20% of the train images held out (the probe's
+    seed as its random state), the rest fitted."""
+    n_val = round(0.2 * len(y))
+    assert n_val >= len(torch.unique(y))
+    return train_test_split(np.arange(len(y)), test_size=n_val, stratify=y.numpy(),
+                            random_state=seed)
+
+
+def sklearn_top1(x, y, C, fit, rows):
+    """Top-1 (%) on ``rows`` of scaler + logistic regression fitted on the ``fit`` rows."""
+    x, y = x.numpy(), y.numpy()
+    scaler = StandardScaler().fit(x[fit])
+    model = LogisticRegression(C=C, max_iter=300).fit(scaler.transform(x[fit]), y[fit])
+    return 100.0 * np.mean(model.predict(scaler.transform(x[rows])) == y[rows])
+
+
 def test_separable_features_give_100_percent():
     x, y = blobs(30, 5, 12, 0.2, 0)
     xt, yt = blobs(10, 5, 12, 0.2, 1)
@@ -24,6 +42,14 @@ def test_separable_features_give_100_percent():
     assert r.top1 == 100.0 and r.train_top1 == 100.0
     # Every C separates the held-out images perfectly: the tie goes to the smaller C.
     assert r.val_top1 == {0.1: 100.0, 1.0: 100.0} and r.C == 0.1
+    # The held-out images moved onto the next class's blob, labels kept: the fitted
+    # images stay separable, so a C scored on them (or on the test split) would read
+    # 100%, but every held-out image is now misread.
+    _, val = split(y)
+    moved = x.clone()
+    moved[val] += 4 * (torch.eye(5, 12)[(y[val] + 1) % 5] - torch.eye(5, 12)[y[val]])
+    r = linear_probe(moved, y, xt, yt, Cs=(0.1, 1.0))
+    assert r.val_top1 == {0.1: 0.0, 1.0: 0.0} and r.C == 0.1
 
 
 def test_shuffled_labels_give_chance():
@@ -43,6 +69,12 @@ def test_test_labels_never_influence_the_choice_of_c():
                                                   .manual_seed(0))])
     assert (a.C, a.val_top1, a.train_top1) == (b.C, b.val_top1, b.train_top1)
     assert a.C == max(a.val_top1, key=lambda c: (a.val_top1[c], -c))
+    # Each C's score is scikit-learn's on the held-out images of the documented split,
+    # which here differs from the score on the images fitted.
+    fit, val = split(y)
+    want = {c: sklearn_top1(x, y, c, fit, val) for c in DEFAULT_CS}
+    assert a.val_top1 == pytest.approx(want)
+    assert any(sklearn_top1(x, y, c, fit, fit) != want[c] for c in DEFAULT_CS)
 
 
 def test_refit_equals_an_independent_scaler_plus_logistic_regression():

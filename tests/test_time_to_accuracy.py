@@ -46,10 +46,30 @@ def test_training_scores_are_the_run_totals():
     assert training_scores([]) == []
 
 
-def test_every_dataset_has_levels():
-    assert knn_levels("digits") == (50.0, 80.0, 90.0, 95.0) == KNN_LEVELS["mnist"]
-    assert knn_levels("cifar10") == (40.0, 60.0, 80.0)
-    assert knn_levels("mnist-natural-64") and knn_levels("stl10") and knn_levels("other")
+# The levels docs/metrics.md gives for each dataset family (time_to_knn).
+DOCUMENTED_LEVELS = {
+    "digits": (50.0, 80.0, 90.0, 95.0),
+    "mnist": (50.0, 80.0, 90.0, 95.0),
+    "cifar10": (40.0, 60.0, 80.0),
+    "stl10": (30.0, 40.0, 50.0, 60.0),
+    # Composites, mnist-<background>-<size>, every background and size alike.
+    "mnist-none-32": (30.0, 50.0, 70.0, 90.0),
+    "mnist-cifar10-64": (30.0, 50.0, 70.0, 90.0),
+    "mnist-natural-96": (30.0, 50.0, 70.0, 90.0),
+}
+
+
+@pytest.mark.parametrize("dataset", [*DOCUMENTED_LEVELS, "other"])
+def test_every_dataset_has_levels(dataset):
+    """The levels are the ones the metrics page lists (a dataset it does not list still
+    gets some), each a percentage strictly between 0 and 100, in increasing order."""
+    levels = knn_levels(dataset)
+    if dataset in DOCUMENTED_LEVELS:
+        assert levels == DOCUMENTED_LEVELS[dataset]
+    assert isinstance(levels, tuple) and len(levels) >= 2
+    assert all(0.0 < v < 100.0 for v in levels)
+    assert all(a < b for a, b in zip(levels, levels[1:]))
+    assert set(KNN_LEVELS) <= set(DOCUMENTED_LEVELS)  # no family left undocumented
 
 
 def _rows(seed: int, values: dict) -> list[dict]:
