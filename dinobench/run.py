@@ -189,6 +189,15 @@ def unit_identity(ds: Dataset, seed: int, opts: RunOptions, recipe: Recipe, cfg:
                 "vit": vit_identity(cfg),
                 # The records' validation k-NN must all come from one validation subset.
                 "val_size": opts.val_size}
+    if ds.train_images is not ds.pretrain_images and not opts.val_unseen:
+        # The labelled split (k-NN bank, validation, probes) is not the pre-training
+        # images (--labels-per-class, STL-10's unlabelled split), so their fingerprint
+        # does not pin it down. (Absent where it does, as before the key.)
+        identity["labelled"] = [checkpoint.fingerprint(ds.train_images),
+                                checkpoint.fingerprint(ds.train_labels)]
+    every = eval_every(opts, ds.name, recipe.epochs)
+    if every != eval_every(dataclasses.replace(opts, eval_every=None), ds.name, recipe.epochs):
+        identity["eval_every"] = every  # one cadence per curve (absent: the default)
     if opts.val_unseen:  # (absent: the validation images pre-trained on, as before)
         identity["val_unseen"] = True
     if opts.eval_feature != "cls":  # and one feature (absent: CLS, as before the option)
@@ -207,6 +216,30 @@ def evaluation_identity(ds: Dataset, opts: RunOptions, recipe: Recipe) -> dict:
             "supervised_epochs": opts.supervised_epochs or recipe.epochs}
 
 
+def finished_budget(done: dict) -> float | None:
+    """The ``--budget-seconds`` a finished unit's rows were made under (None: none)."""
+    return next((r["budget_seconds"] for r in done["rows"] if "budget_seconds" in r), None)
+
+
+def describe_budget(seconds: float | None) -> str:
+    return "no time budget" if seconds is None else f"--budget-seconds {seconds:g}"
+
+
+def check_budget_covers(path, trainer: DINOTrainer, budget: float | None) -> None:
+    """Refuse a resume whose budget is under the training the saved state has had: its
+    rows would claim a budget the model trained past. The same budget, on a state it
+    cut, is allowed (it returns at once: the cut comes at the first step after it)."""
+    if budget is None or trainer.train_seconds <= budget:
+        return
+    last = trainer.history[-1] if trainer.history else {}
+    if last.get("budget_stop") and last.get("budget_seconds", budget) == budget:
+        return
+    raise checkpoint.CheckpointError(
+        f"cannot resume from {path}: it has trained {trainer.train_seconds:.1f} s, more "
+        f"than --budget-seconds {budget:g}; resume with a budget of at least that, or start "
+        "over with --restart")
+
+
 def run_unit(ds: Dataset, seed: int, opts: RunOptions, folder: RunFolder, device: torch.device,
              info: distrib.DistInfo, stop: StopOnSignal, log: Callable[[str], None]) -> dict:
     """Train and evaluate one (dataset, seed); returns ``{"rows": [...], "figure": ...}``."""
@@ -217,6 +250,7 @@ def run_unit(ds: Dataset, seed: int, opts: RunOptions, folder: RunFolder, device
     # (tuples as lists), to compare with the saved one.
     finished = json.loads(json.dumps(
         {**identity, "evaluation": evaluation_identity(ds, opts, recipe)}))
+    ckpt_path = folder.checkpoint(ds.name, seed)
     if opts.resume:
         done = folder.load_done(ds.name, seed)
         if done is not None:
@@ -226,8 +260,22 @@ def run_unit(ds: Dataset, seed: int, opts: RunOptions, folder: RunFolder, device
                     f"{path} holds rows without the configuration that made them; start "
                     "over with --restart")
             checkpoint.check_identity(path, done["identity"], finished)
-            log(f"[{ds.name}] seed {seed}: finished earlier, rows reused")
-            return done
+            before = finished_budget(done)
+            if before == opts.budget_seconds:
+                log(f"[{ds.name}] seed {seed}: finished earlier, rows reused")
+                return done
+            # Another budget: its rows are not this run's. Training continues from the
+            # final checkpoint (which the budget check below holds to what it allows).
+            if not ckpt_path.exists():
+                raise checkpoint.CheckpointError(
+                    f"cannot resume from {path}: its rows were made under "
+                    f"{describe_budget(before)}, this run asks for "
+                    f"{describe_budget(opts.budget_seconds)}, and its checkpoint "
+                    f"{ckpt_path} is gone; rerun with the same --budget-seconds, or start "
+                    "over with --restart")
+            log(f"[{ds.name}] seed {seed}: finished earlier under "
+                f"{describe_budget(before)}; continuing from its checkpoint under "
+                f"{describe_budget(opts.budget_seconds)}")
     crop_cfg = MultiCropConfig.from_recipe(recipe, cfg.image_size, cfg.patch_size,
                                            ds.spec.mean, ds.spec.std)
     every = eval_every(opts, ds.name, recipe.epochs)
@@ -244,11 +292,11 @@ def run_unit(ds: Dataset, seed: int, opts: RunOptions, folder: RunFolder, device
                           compile=opts.compile, log_path=folder.train_log(ds.name, seed),
                           progress=opts.progress, log=log, dist=info,
                           on_epoch_end=on_epoch_end, precision=opts.precision)
-    ckpt_path = folder.checkpoint(ds.name, seed)
     if opts.resume and ckpt_path.exists():
         saved = checkpoint.load(ckpt_path)
         checkpoint.check_identity(ckpt_path, saved["identity"], identity)
         trainer.load_state_dict(saved["trainer"])
+        check_budget_covers(ckpt_path, trainer, opts.budget_seconds)
         log(f"[{ds.name}] seed {seed}: resuming at epoch {trainer.epoch + 1}, "
             f"step {trainer.step_count} from {ckpt_path}")
 

@@ -378,8 +378,8 @@ class DINOTrainer:
             record.update(train_seconds=self.train_seconds,
                           eval_seconds=time.perf_counter() - t_eval,
                           images_seen=self.step_count * r.batch_size)
-            if cut:
-                record["budget_stop"] = True
+            if cut:  # and the budget that cut it, so a resume can tell it from another
+                record.update(budget_stop=True, budget_seconds=max_seconds)
             self.history.append(record)
             if self.pos == steps:  # a cut inside an epoch keeps its place in it
                 self.epoch, self.order = epoch + 1, None
