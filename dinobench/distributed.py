@@ -103,6 +103,17 @@ def any_rank(flag: bool) -> bool:
     return bool(t.item())
 
 
+def signal_over_ranks(signum: int | None) -> int | None:
+    """The signal any rank received (the largest number, if they differ), or None: a rank
+    stops with the others when only another got the signal, and reports it as theirs.
+    Every rank must call it at the same point (a CPU all-reduce on the gloo group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return signum
+    t = torch.tensor([signum or 0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_HOST_GROUP)
+    return int(t.item()) or None
+
+
 def min_over_ranks_(t: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MIN)

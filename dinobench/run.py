@@ -309,10 +309,10 @@ def run_unit(ds: Dataset, seed: int, opts: RunOptions, folder: RunFolder, device
         result = trainer.fit(ds.pretrain_images, checkpoint=save,
                              checkpoint_every=opts.checkpoint_every,
                              should_stop=stop.requested, max_seconds=opts.budget_seconds)
-    except Interrupted as e:
-        raise RunInterrupted(f"{e} by signal {stop.signum}; checkpoint saved to {ckpt_path}; "
-                             "continue with the same command plus --resume",
-                             stop.signum) from None
+    except Interrupted as e:  # every rank is here, at the same step
+        signum = distrib.signal_over_ranks(stop.signum)
+        raise RunInterrupted(f"{e} by signal {signum}; checkpoint saved to {ckpt_path}; "
+                             "continue with the same command plus --resume", signum) from None
 
     model = f"dino-{recipe.name}"
     context = {"recipe": recipe.name, "profile": opts.profile_name(ds.name),
@@ -479,10 +479,12 @@ def run(opts: RunOptions | None = None, log: Callable[[str], None] = print) -> l
             log(f"[{ds.name}] {ds.pretrain_images.shape[0]:,} pre-training images, "
                 f"{ds.test_images.shape[0]:,} test, on {device}")
             for seed in opts.seeds:
-                if stop.requested():  # a signal that came during evaluation
-                    raise RunInterrupted(f"stopped by signal {stop.signum} before "
+                # A signal that came during evaluation, to any rank: all stop here.
+                if distrib.any_rank(stop.requested()):
+                    signum = distrib.signal_over_ranks(stop.signum)
+                    raise RunInterrupted(f"stopped by signal {signum} before "
                                          f"{ds.name} seed {seed}; continue with the same "
-                                         "command plus --resume", stop.signum)
+                                         "command plus --resume", signum)
                 unit = run_unit(ds, seed, opts, folder, device, info, stop, log)
                 rows += unit["rows"]
                 recipes[ds.name] = unit["recipe"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -67,13 +68,21 @@ def test_two_gloo_processes_match_one_process(tmp_path):
 
 
 def test_batch_must_split_evenly_across_processes(tmp_path):
+    odd = tmp_path / "odd"
     two = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          "-m", "dinobench", "run", *TINY, "--batch-size", "63", "--epochs", "1",
-         "--out", str(tmp_path / "odd")],
+         "--out", str(odd)],
         capture_output=True, text=True, env=cli_env(), cwd=REPO, timeout=300)
-    assert two.returncode != 0
-    assert "multiple of the 2 processes" in two.stderr
+    # torchrun exits 1 when a worker fails; the worker that failed first (torchrun then
+    # stops the other) exited 2, bad input, with the one-line error and no traceback.
+    assert two.returncode == 1, two.stderr[-3000:]
+    assert ("dinobench run: error: --batch-size 63 must be a multiple of the 2 processes, "
+            "with at least 2 images per process\n") in two.stderr
+    assert "[rank" not in two.stderr  # torch's prefix on a worker's traceback
+    root = two.stderr.split("Root Cause (first observed failure):")[-1]
+    assert re.search(r"exitcode\s*:\s*2 \(pid", root), two.stderr[-3000:]
+    assert not odd.exists()  # refused before anything was written
 
 
 def _torchrun(*args):
@@ -95,19 +104,77 @@ def test_sigterm_stops_every_rank_together_and_resume_is_exact(tmp_path):
     proc = subprocess.Popen(_torchrun(*flags, "--out", str(stopped)),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=cli_env(), cwd=REPO, start_new_session=True)
-    wait_for_epochs(stopped / "train_digits_seed0.jsonl", 1, proc)
+    log = stopped / "train_digits_seed0.jsonl"
+    wait_for_epochs(log, 1, proc)
     os.killpg(proc.pid, signal.SIGTERM)  # the launcher and both workers
-    proc.communicate(timeout=300)
-    assert proc.returncode != 0
-    state = trainer_state(stopped)
+    _, stderr = proc.communicate(timeout=300)
+    # torchrun dies of the signal itself (its SignalException: exit 1); it does not pass
+    # on its workers' 128 + 15. The only traceback is its own: no worker failed.
+    assert proc.returncode == 1 and "got signal: 15" in stderr, stderr[-3000:]
+    assert stderr.count("Traceback") == 1, stderr[-3000:]
+    state, logged = trainer_state(stopped), log.read_text().splitlines(keepends=True)
     assert len(state["ranks"]) == 2 and state["epoch"] < 4
+    assert len(logged) == state["epoch"]  # every finished epoch, logged once saved
+    # Each rank took the CLI's signal exit (its line, then 128 + 15), both at the step
+    # the checkpoint holds.
+    stops = re.findall(r"stopped at epoch (\d+), step (\d+) by signal (\w+); checkpoint "
+                       r"saved", stderr)
+    assert stops == [(str(state["epoch"] + 1), str(state["step"]), "15")] * 2, stderr
 
     resumed = subprocess.run(_torchrun(*flags, "--out", str(stopped), "--resume"),
                              capture_output=True, text=True, env=cli_env(), cwd=REPO,
                              timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # Resumed, not restarted (a deterministic restart ends with the same weights): at the
+    # saved step, and the lines logged before the stop kept byte for byte (a redone epoch
+    # would have measured other seconds).
+    assert (f"resuming at epoch {state['epoch'] + 1}, step {state['step']} from "
+            f"{stopped / 'checkpoints' / 'digits_seed0.pt'}") in resumed.stdout
+    after = log.read_text().splitlines(keepends=True)
+    assert len(after) == 4 and after[:len(logged)] == logged
     a, b = trainer_state(alone), trainer_state(stopped)
     for part in ("student", "teacher"):
         for name, t in a[part].items():
             assert torch.equal(b[part][name], t), f"{part}.{name} differs"
     assert torch.equal(a["center"], b["center"])
+
+
+def _worker_pid(launcher: int, rank: int, timeout: float = 60.0) -> int:
+    """The pid of the torchrun worker of ``rank`` (from /proc: the launcher's children,
+    told apart by the RANK in their environment)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        children = open(f"/proc/{launcher}/task/{launcher}/children").read().split()
+        for pid in children:
+            try:
+                env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+            except OSError:
+                continue
+            if f"RANK={rank}".encode() in env:
+                return int(pid)
+        time.sleep(0.2)
+    raise AssertionError(f"no worker of rank {rank} under pid {launcher}")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux's /proc")
+def test_a_signal_to_one_rank_stops_both_and_each_names_it(tmp_path):
+    """SIGTERM to rank 1 alone: rank 0 stops at the same step (the agreement over the gloo
+    group), and both report the signal rank 1 received and exit with 128 + 15, where rank
+    0, which received none, once had no signal number to report or exit with."""
+    out = tmp_path / "one"
+    proc = subprocess.Popen(_torchrun(*TINY, "--epochs", "4", "--checkpoint-every", "1",
+                                      "--device", "cpu", "--out", str(out)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=cli_env(), cwd=REPO, start_new_session=True)
+    wait_for_epochs(out / "train_digits_seed0.jsonl", 1, proc)
+    os.kill(_worker_pid(proc.pid, 1), signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    state = trainer_state(out)
+    stops = re.findall(r"stopped at epoch (\d+), step (\d+) by signal (\w+); checkpoint "
+                       r"saved", stderr)
+    assert stops == [(str(state["epoch"] + 1), str(state["step"]), "15")] * 2, stderr[-3000:]
+    assert "TypeError" not in stderr and proc.returncode != 0
+    # torchrun names the first worker to fail with its exit code: 128 + SIGTERM.
+    assert re.search(r"exitcode\s*:\s*143", stderr), stderr[-3000:]
