@@ -58,7 +58,8 @@ def load(path: str | Path, map_location="cpu") -> dict:
                               "delete it or choose another --out")
     if obj.get("version") != VERSION:
         raise CheckpointError(f"{path} has checkpoint format version {obj.get('version')}, "
-                              f"this dinobench reads version {VERSION}")
+                              f"this dinobench reads version {VERSION}; resume it with the "
+                              "dinobench that wrote it, or start over with --restart")
     return obj
 
 

@@ -4,6 +4,8 @@ no traceback, and nothing half-written."""
 from __future__ import annotations
 
 import errno
+import os
+import re
 
 import pytest
 import torch
@@ -95,7 +97,46 @@ def test_foreign_checkpoint(tmp_path, capsys):
     torch.save({"model": torch.zeros(3)}, foreign)
     out = _unfinished_run(tmp_path, foreign.read_bytes())
     assert main(["run", *TINY, "--epochs", "1", "--resume", "--out", str(out)]) == 2
-    assert "not a dinobench checkpoint" in one_line_error(capsys.readouterr().err)
+    line = one_line_error(capsys.readouterr().err)
+    assert (f"{out / 'checkpoints' / 'digits_seed0.pt'} is not a dinobench checkpoint "
+            "(no 'dinobench-checkpoint' tag); delete it or choose another --out") in line
+    assert not (out / "results.json").exists()
+    assert (out / "checkpoints" / "digits_seed0.pt").read_bytes() == foreign.read_bytes()
+
+
+def _checkpoint_of_version(path, version) -> None:
+    """A checkpoint as ``checkpoint.save`` writes it, re-saved with another format version."""
+    checkpoint.save(path, {"dataset": "digits"}, {"w": torch.zeros(4)})
+    obj = torch.load(path, weights_only=True)
+    assert obj["version"] == checkpoint.VERSION
+    torch.save({**obj, "version": version}, path)
+
+
+def test_checkpoint_of_another_format_version_is_refused(tmp_path):
+    path = tmp_path / "other.pt"
+    _checkpoint_of_version(path, checkpoint.VERSION + 1)
+    expected = (f"{path} has checkpoint format version {checkpoint.VERSION + 1}, this "
+                f"dinobench reads version {checkpoint.VERSION}; resume it with the dinobench "
+                "that wrote it, or start over with --restart")
+    with pytest.raises(checkpoint.CheckpointError, match=f"^{re.escape(expected)}$"):
+        checkpoint.load(path)
+    # The version it reads loads.
+    checkpoint.save(path, {"dataset": "digits"}, {"w": torch.zeros(4)})
+    assert checkpoint.load(path)["version"] == checkpoint.VERSION
+
+
+def test_resume_from_another_format_version_exits_2(tmp_path, capsys):
+    made = tmp_path / "other.pt"
+    _checkpoint_of_version(made, 0)
+    out = _unfinished_run(tmp_path, made.read_bytes())
+    assert main(["run", *TINY, "--epochs", "1", "--resume", "--out", str(out)]) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert line == (f"dinobench run: error: {out / 'checkpoints' / 'digits_seed0.pt'} has "
+                    f"checkpoint format version 0, this dinobench reads version "
+                    f"{checkpoint.VERSION}; resume it with the dinobench that wrote it, or "
+                    "start over with --restart")
+    assert not (out / "results.json").exists()
+    assert (out / "checkpoints" / "digits_seed0.pt").read_bytes() == made.read_bytes()
 
 
 def test_unwritable_results_folder(tmp_path, capsys):
@@ -107,17 +148,49 @@ def test_unwritable_results_folder(tmp_path, capsys):
 
 
 def test_full_disk_leaves_no_partial_file(tmp_path, monkeypatch, capsys):
-    def no_space(fd):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
+    """The disk fills while results.json is written over a finished run's: the new bytes
+    are in a file but not yet synced. The old results.json stays whole, the temporary
+    file is removed, and the error names the file and the fix."""
     out = tmp_path / "run"
-    monkeypatch.setattr(io_module.os, "fsync", no_space)
-    assert main(["run", *TINY, "--epochs", "1", "--checkpoint-every", "0",
-                 "--out", str(out)]) == 2
-    assert "No space left on device" in one_line_error(capsys.readouterr().err)
-    assert not (out / "results.json").exists()
+    assert main(["run", *TINY, "--epochs", "1", "--out", str(out)]) == 0
+    before = (out / "results.json").read_bytes()
+    capsys.readouterr()
+
+    real_fsync, failed = io_module.os.fsync, []
+
+    def no_space_for_results(fd):
+        name = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+        if "results.json" in name:  # the target itself, or a temporary file for it
+            failed.append((name, os.fstat(fd).st_size))
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(io_module.os, "fsync", no_space_for_results)
+    # Two epochs: results that differ from the first run's.
+    assert main(["run", *TINY, "--epochs", "2", "--out", str(out)]) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert line == (f"dinobench run: error: cannot write {out / 'results.json'}: No space "
+                    "left on device; free space or choose another folder with --out")
+    assert len(failed) == 1 and failed[0][1] > 0, failed  # it failed with data written
+    assert (out / "results.json").read_bytes() == before
     assert not list(out.glob("**/.*.tmp")), "a temporary file was left behind"
-    assert not list(out.glob("checkpoints/*.pt"))
+    assert not list(out.glob("**/*.tmp"))
+
+
+def test_a_rerun_removes_temporaries_of_a_killed_run(tmp_path, capsys):
+    """A run killed mid-write leaves ``.<name>.<random>.tmp`` files (io.atomic_write_bytes);
+    the next run into the folder removes them."""
+    out = tmp_path / "run"
+    assert main(["run", *TINY, "--epochs", "1", "--out", str(out)]) == 0
+    stale = [out / ".results.json.k1ll3d.tmp",
+             out / "checkpoints" / ".digits_seed0.pt.x7_q2a.tmp"]
+    for path in stale:
+        path.write_bytes(b"half a file")
+    assert main(["run", *TINY, "--epochs", "1", "--resume", "--out", str(out)]) == 0
+    assert "finished earlier, rows reused" in capsys.readouterr().out
+    assert not [p for p in stale if p.exists()]
+    assert not list(out.glob("**/.*.tmp"))
+    assert (out / "results.json").is_file()
 
 
 def test_second_run_into_the_same_folder_is_refused(tmp_path, capsys):

@@ -70,8 +70,9 @@ def test_recipes_are_immutable_and_replace_copies():
 
 
 def test_unknown_recipe_is_a_config_error():
-    """An unknown preset is a ConfigError listing the valid names."""
-    with pytest.raises(ConfigError, match="seed"):
+    """An unknown preset is a ConfigError naming it and listing the valid names."""
+    with pytest.raises(ConfigError, match=r"^unknown recipe 'dino'; choose one of: "
+                                          r"seed, official, small$"):
         get_recipe("dino")
 
 

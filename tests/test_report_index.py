@@ -1,11 +1,13 @@
 """The results index: findings first, run folders with how each was made, sweeps by link."""
 
 import json
+import re
 
 import pytest
 
 from dinobench.errors import UserError
 from dinobench.report import index_markdown, provenance_note, write_index, write_results
+from helpers import dinobench, one_line_error
 
 
 def rows(dataset: str, model: str, value: float) -> list[dict]:
@@ -51,8 +53,24 @@ def test_index_opens_with_findings_lists_runs_and_links_sweeps(tmp_path):
 
 
 def test_index_of_an_empty_folder_is_a_clear_error(tmp_path):
-    with pytest.raises(UserError, match="dinobench run"):
+    with pytest.raises(UserError, match=rf"^no run folder with a results\.json under "
+                                        rf"{re.escape(str(tmp_path))}; run 'dinobench run' "
+                                        rf"first$"):
         write_index(tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+def test_report_index_of_an_empty_folder_exits_2_with_one_line(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    done = dinobench("report", "--index", str(empty))
+    assert done.returncode == 2
+    assert one_line_error(done.stderr) == (f"dinobench report: error: no run folder with a "
+                                           f"results.json under {empty}; run 'dinobench "
+                                           "run' first")
+    assert done.stdout == ""
+    assert not (empty / "README.md").exists()
+    assert not list(empty.iterdir())  # nor a temporary file
 
 
 def test_a_run_records_the_commit_it_started_from(monkeypatch, tmp_path):

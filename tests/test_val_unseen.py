@@ -85,7 +85,10 @@ def test_a_run_pretrains_on_the_bank_alone_and_says_so(val_size, tmp_path, monke
     val_rows = [r for r in result["rows"] if r["metric"] == "val_knn_top1"]
     assert val_rows and all(r["n_val"] == len(val) for r in val_rows)
     # A run that pre-trained without them is not taken for one that pre-trained on them.
-    with pytest.raises(CheckpointError, match="val_unseen"):
+    with pytest.raises(CheckpointError, match=r"the run differs from the one saved \(.*"
+                                              r"val_unseen: True -> None.*\); resume with "
+                                              r"the same flags and data, or start over "
+                                              r"with --restart$"):
         run(RunOptions(resume=True, **opts), log=lambda m: None)
 
 

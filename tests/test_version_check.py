@@ -15,7 +15,7 @@ PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 def test_parse_version():
     assert parse_version("2.14.1+cu130") == (2, 14)
     assert parse_version("2.3.0a0") == (2, 3)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^cannot read a version from 'nightly'$"):
         parse_version("nightly")
 
 
