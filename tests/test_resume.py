@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import signal
 
 import pytest
@@ -42,6 +44,22 @@ def _killed_after(out, epochs: int):
     return proc
 
 
+def _log_lines(out) -> list[str]:
+    return (out / "train_digits_seed0.jsonl").read_text().splitlines(keepends=True)
+
+
+def _assert_resumed(resumed, out, saved: dict, logged: list[str]) -> None:
+    """The rerun continued from the checkpoint, not from scratch (a deterministic restart
+    would end with the same weights): it says so at the saved epoch and step, and the
+    log lines written before the stop are kept byte for byte - a redone epoch would have
+    other wall-clock fields (``seconds``, ``images_per_s``, ``train_seconds``)."""
+    assert (f"resuming at epoch {saved['epoch'] + 1}, step {saved['step']} from "
+            f"{out / 'checkpoints' / 'digits_seed0.pt'}") in resumed.stdout
+    assert saved["step"] > 0 and logged
+    after = _log_lines(out)
+    assert len(after) == 5 and after[:len(logged)] == logged
+
+
 def _assert_same_run(a, b):
     sa, sb = trainer_state(a), trainer_state(b)
     for part in ("student", "teacher"):
@@ -57,6 +75,8 @@ def test_sigkill_then_resume_is_bit_identical(reference, tmp_path):
     proc = _killed_after(out, 2)
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "results.json").exists()
+    saved, logged = trainer_state(out), _log_lines(out)
+    assert saved["epoch"] >= len(logged) >= 2  # each epoch is saved before it is logged
 
     again = dinobench("run", *FLAGS, "--out", str(out))  # forgetting --resume is refused
     assert again.returncode == 2
@@ -64,7 +84,7 @@ def test_sigkill_then_resume_is_bit_identical(reference, tmp_path):
 
     resumed = dinobench("run", *FLAGS, "--out", str(out), "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    assert "resuming at epoch" in resumed.stdout
+    _assert_resumed(resumed, out, saved, logged)
     _assert_same_run(reference, out)
     assert not list(out.glob("**/.*.tmp"))
 
@@ -77,11 +97,16 @@ def test_sigterm_checkpoints_mid_epoch_and_resumes_exactly(reference, tmp_path):
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, stderr
     assert "--resume" in stderr and "checkpoint saved" in stderr
-    state = trainer_state(out)
+    state, logged = trainer_state(out), _log_lines(out)
     assert state["epoch"] < 5 and state["order"] is not None  # saved inside an epoch
+    assert len(logged) == state["epoch"]  # every finished epoch, logged once saved
+    # The stop is reported where the checkpoint holds it.
+    assert re.search(rf"stopped at epoch {state['epoch'] + 1}, step {state['step']} by "
+                     rf"signal {int(signal.SIGTERM)}; checkpoint saved", stderr), stderr
 
     resumed = dinobench("run", *FLAGS, "--out", str(out), "--resume")
     assert resumed.returncode == 0, resumed.stderr
+    _assert_resumed(resumed, out, state, logged)
     _assert_same_run(reference, out)
 
 
@@ -98,11 +123,25 @@ def test_resume_with_other_flags_is_refused(reference, tmp_path):
 
 
 def test_resume_of_a_finished_run_reuses_its_rows(reference, tmp_path):
-    again = dinobench("run", *FLAGS, "--out", str(reference), "--resume")
+    finished = tmp_path / "finished"  # a copy: the other tests compare with the reference
+    shutil.copytree(reference, finished)
+    ckpt = finished / "checkpoints" / "digits_seed0.pt"
+    done = finished / "checkpoints" / "digits_seed0.done.json"
+    log = finished / "train_digits_seed0.jsonl"
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (ckpt, done, log)}
+    results = json.loads((finished / "results.json").read_text())
+
+    again = dinobench("run", *FLAGS, "--out", str(finished), "--resume")
     assert again.returncode == 0, again.stderr
-    assert "finished earlier" in again.stdout
-    meta = json.loads((reference / "results.json").read_text())["meta"]
-    assert meta["precision"] == "fp32"  # auto on a CPU
+    assert "finished earlier" in again.stdout and "resuming" not in again.stdout
+    # Nothing trained or saved again: the checkpoint, the saved rows and the training log
+    # are untouched, and the rows written are the saved ones with their wall-clock
+    # timings (a rerun would have measured new ones).
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in before} == before
+    rewritten = json.loads((finished / "results.json").read_text())
+    assert rewritten["rows"] == results["rows"]
+    assert rewritten["figures"] == results["figures"]
+    assert rewritten["meta"]["precision"] == "fp32"  # auto on a CPU
 
 
 def test_resume_of_a_finished_run_with_other_flags_is_refused(reference):

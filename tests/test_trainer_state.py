@@ -16,6 +16,34 @@ from dinobench.errors import ConfigError
 from helpers import tiny_trainer
 
 
+def _assert_same_state(a, b, where="state"):
+    """Two trainer states equal in every entry: tensors bit for bit, the rest by ``==``."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for k in a:
+            _assert_same_state(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same_state(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def _count_steps(trainer) -> dict:
+    """Count the optimisation steps ``trainer`` takes from now on, in ``["n"]``."""
+    counted, step = {"n": 0}, trainer.step
+
+    def counting_step(*args, **kwargs):
+        counted["n"] += 1
+        return step(*args, **kwargs)
+
+    trainer.step = counting_step
+    return counted
+
+
 def test_clip_per_tensor_matches_a_loop_over_tensors():
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.zeros(n)) for n in (3, 5, 7)]
@@ -73,7 +101,14 @@ def test_a_state_saved_mid_epoch_continues_exactly(tiny_recipe, tiny_vit_cfg):
     assert saved["epoch"] == 1 and saved["pos"] == 2
     second = tiny_trainer(recipe, tiny_vit_cfg, seed=3)  # a fresh process, in effect
     second.load_state_dict(saved)
+    # A resume, not a restart (the trainer seeds itself, so a restart ends the same):
+    # the loaded trainer holds the saved state - weights, optimizer moments, center,
+    # place in the epoch, every random stream - and takes only the 15 - 7 steps left.
+    assert (second.epoch, second.step_count, second.pos) == (1, 7, 2)  # epoch 2, from 0
+    _assert_same_state(second.state_dict(), saved)
+    counted = _count_steps(second)
     second.fit(images)
+    assert counted["n"] == 15 - 7 and second.step_count == 15
 
     for name, t in straight.student.state_dict().items():
         assert torch.equal(second.student.state_dict()[name], t), name
@@ -201,13 +236,20 @@ def test_a_time_budget_cuts_training_and_a_larger_one_continues_exactly(
 
     same = _timed_trainer(recipe, tiny_vit_cfg, hook)
     same.load_state_dict(saved)
+    _assert_same_state(same.state_dict(), saved)
+    counted = _count_steps(same)
     again = same.fit(images, max_seconds=7.5)  # its budget is spent: nothing to do
     assert again.budget_stop and same.step_count == 8 and len(again.history) == 2
+    assert counted["n"] == 0
 
     more = _timed_trainer(recipe, tiny_vit_cfg, hook)
     more.load_state_dict(saved)
+    # A resume, not a restart: the saved state, then only the 15 - 8 steps left.
+    assert (more.epoch, more.step_count, more.pos) == (1, 8, 3)  # epoch 2, counted from 0
+    _assert_same_state(more.state_dict(), saved)
+    counted = _count_steps(more)
     done = more.fit(images, max_seconds=100.0)
-    assert not done.budget_stop and more.step_count == 15
+    assert not done.budget_stop and more.step_count == 15 and counted["n"] == 15 - 8
     assert done.history[-1]["train_seconds"] == 15.0  # continued from the saved 8 s
     for name, t in straight.student.state_dict().items():
         assert torch.equal(more.student.state_dict()[name], t), name
