@@ -92,10 +92,14 @@ class RunFolder:
         if not path.exists():
             return None
         try:
-            return json.loads(path.read_text())
+            done = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise UserError(f"{path} is unreadable ({e}); delete it to redo that "
                             "dataset and seed") from None
+        if not isinstance(done, dict) or not isinstance(done.get("rows"), list):
+            raise UserError(f"{path} is not a finished unit's record (no rows); delete it "
+                            "to redo that dataset and seed")
+        return done
 
     def remove_stale_temporaries(self) -> None:
         """Temporary files left by a run killed mid-write (the lock says none is live)."""

@@ -4,6 +4,7 @@ no traceback, and nothing half-written."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 
@@ -237,3 +238,48 @@ def test_cuda_requested_without_a_gpu(tmp_path, capsys):
     assert "no such CUDA device here; use --device cpu" in one_line_error(
         capsys.readouterr().err)
     assert not out.exists()
+
+
+@pytest.mark.parametrize(("damage", "problem"), [
+    (lambda b: b[:200], "is unreadable ("),  # a disk that filled, a copy that stopped
+    (lambda b: b"3", "is not a finished unit's record (no rows)"),  # hand-edited JSON
+    (lambda b: b"null", "is not a finished unit's record (no rows)"),
+])
+def test_resume_over_a_damaged_done_file_names_it_and_its_fix(tmp_path, capsys, damage,
+                                                              problem):
+    """A finished unit's rows file cut short, or holding JSON that is not its record:
+    --resume refuses it in one line naming the file and the fix, and changes nothing; the
+    fix it names (delete the file) then works."""
+    out = tmp_path / "run"
+    flags = [*TINY, "--epochs", "1", "--no-probe", "--eval-every", "0", "--out", str(out)]
+    assert main(["run", *flags]) == 0
+    done = out / "checkpoints" / "digits_seed0.done.json"
+    done.write_bytes(damage(done.read_bytes()))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    capsys.readouterr()
+
+    assert main(["run", *flags, "--resume"]) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert line.startswith(f"dinobench run: error: {done} {problem}"), line
+    assert line.endswith("; delete it to redo that dataset and seed"), line
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert after == before  # nothing rewritten, nothing added
+
+    done.unlink()
+    assert main(["run", *flags, "--resume"]) == 0
+    assert "resuming at epoch 2" in capsys.readouterr().out  # the final state, evaluated
+    assert json.loads(done.read_text())["rows"]
+
+
+def test_report_on_invalid_json_names_the_file(tmp_path):
+    """results.json cut short: 'report' exits 2 with one line naming the file, from a real
+    process (no traceback), and writes no table or figure beside it."""
+    (tmp_path / "results.json").write_text('{"meta": {}, "rows": [{"dataset": "digits", ')
+    done = dinobench("report", str(tmp_path))
+    assert done.returncode == 2, done.stderr
+    line = one_line_error(done.stderr)
+    assert line.startswith(f"dinobench report: error: {tmp_path / 'results.json'} is not "
+                           "valid JSON (")
+    assert line.endswith("); rerun the job that wrote it"), line
+    assert done.stdout == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
