@@ -12,12 +12,13 @@ import pytest
 import torch
 
 from dinobench import bench, perf, reference
+from dinobench.cli import main
 from dinobench.config import SEED
 from dinobench.dino.multicrop import MultiCropConfig
 from dinobench.dino.train import DINOTrainer
 from dinobench.errors import ConfigError, UserError
 from dinobench.vit import ViT, ViTConfig
-from helpers import tiny_setup
+from helpers import one_line_error, tiny_setup
 
 CUDA = torch.cuda.is_available()
 
@@ -68,6 +69,36 @@ def test_options_are_checked():
         bench.BenchOptions(device="cpu", depth=0).resolved()
     o = bench.BenchOptions(device="cpu").resolved()
     assert (o.batch_size, o.compile) == (16, False)  # CPU defaults
+
+
+BAD_BENCH_FLAGS = [
+    (["--batch-size", "-3"], "--batch-size must be at least 1, got -3"),
+    (["--steps", "0"], "--steps must be at least 1, got 0"),
+    (["--depth", "0"], "--depth must be at least 1, got 0"),
+    (["--warmup", "-1"], "--warmup must be at least 0, got -1"),
+    (["--reference-prefetch", "0"], "--reference-prefetch must be at least 1, got 0"),
+    (["--device", "gpu0"], "--device 'gpu0' is not a torch device; use cpu, cuda or cuda:N"),
+    (["--precision", "fp8"], "argument --precision: invalid choice: 'fp8'"),
+    (["--dataset-shape", "imagenet"], "argument --dataset-shape: invalid choice: 'imagenet'"),
+]
+
+
+@pytest.mark.parametrize(("flags", "expected"), BAD_BENCH_FLAGS,
+                         ids=[" ".join(f) for f, _ in BAD_BENCH_FLAGS])
+def test_bad_bench_flags_exit_2_with_one_line(flags, expected, tmp_path, capsys):
+    """Through the package CLI, as typed: exit 2, one line naming the flag and its bound,
+    no progress line, and no result folder."""
+    out = tmp_path / "bench"
+    try:
+        code = main(["bench", *flags, "--out", str(out)])
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    assert code == 2
+    captured = capsys.readouterr()
+    line = one_line_error(captured.err)
+    assert line.startswith("dinobench bench: error: ") and expected in line, line
+    assert captured.out == ""
+    assert not out.exists()
 
 
 @pytest.mark.skipif(CUDA, reason="checks the message shown where CUDA is missing")

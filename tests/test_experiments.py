@@ -1,7 +1,9 @@
 """experiments.py end to end on tiny data: rows, every table and figure, and a report
 rebuilt from results.json alone with byte-identical tables."""
 
+import contextlib
 import json
+import statistics
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import dinobench.figures as figures_module
 from dinobench.config import SEED
 from dinobench.data import load_dataset
 from dinobench.data.composites import composite_dataset
@@ -159,6 +162,91 @@ def trainer_history(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
 
 
+def expected_cell(rows: list[dict], dataset: str, model: str, metric: str) -> str:
+    """A table cell as docs/metrics describe it, from the result rows themselves: the
+    mean over the seeds measured, two decimals, "± sample std" beside it for more than
+    one seed; a collapsed seed is left out; "—" where no row is."""
+    mine = [r for r in rows if (r["dataset"], r["model"], r["metric"]) == (dataset, model,
+                                                                           metric)]
+    values = [r["value"] for r in mine if not r.get("collapsed")]
+    if not values:
+        return f"collapsed ({len(mine)})" if mine else "—"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def md_table(md: str, title: str) -> list[dict]:
+    """The table under the ``## title...`` heading: one dict per line, keyed by header."""
+    section = md.split(f"\n## {title}", 1)[1].split("\n## ", 1)[0]
+    lines = [ln for ln in section.splitlines() if ln.startswith("|")]
+    cells = lambda ln: [c.strip() for c in ln.strip().strip("|").split("|")]  # noqa: E731
+    header = cells(lines[0])
+    return [dict(zip(header, cells(ln), strict=True)) for ln in lines[2:]]
+
+
+@contextlib.contextmanager
+def saved_figures():
+    """Every figure the figure functions save, by file name, its artists kept for
+    reading after it is closed."""
+    saved, real = {}, figures_module._save
+
+    def keep(fig, path):
+        saved[Path(path).name] = fig
+        real(fig, path)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(figures_module, "_save", keep)
+        yield saved
+
+
+def check_tables(md: str, data: dict, history: list[dict], dataset: str) -> None:
+    """results.md against results.json's rows and the training log, cell by cell."""
+    rows = data["rows"]
+    columns = {"k-NN (k 20)": "knn_top1", "k-NN (k 200)": "knn_top1_k200_t0.1",
+               "linear": "linear_top1", "mass inside": "mass_inside"}
+    summary = md_table(md, "Summary")
+    pairs = {(r["dataset"], r["model"]) for r in rows if r["metric"] == "knn_top1"}
+    assert pairs <= {(line["dataset"], line["model"]) for line in summary}
+    for line in summary:
+        for header, metric in columns.items():
+            assert line[header] == expected_cell(rows, line["dataset"], line["model"],
+                                                 metric), (line, header)
+    dino = next(line for line in summary if (line["dataset"], line["model"]) ==
+                (dataset, "dino-seed"))
+    assert dino["k-NN (k 20)"] != "—"
+    first = next(r for r in rows if (r["dataset"], r["model"], r["metric"]) ==
+                 (dataset, "dino-seed", "knn_top1"))
+    assert (f"| {dataset} | dino-seed | knn_top1 | "
+            f"{expected_cell(rows, dataset, 'dino-seed', 'knn_top1')}% | 1 | "
+            f"{first['epochs']} | {first['n_train']} |") in md.split("## All rows")[1]
+    # The time table's last columns are the training log's final record.
+    timed = next(line for line in md_table(md, "Time to validation k-NN")
+                 if (line["dataset"], line["model"]) == (dataset, "dino-seed"))
+    assert timed["final val k-NN (%)"] == f"{history[-1]['val_knn_top1']:.2f}"
+    assert timed["train s"] == f"{history[-1]['train_seconds']:.2f}"
+
+
+def check_knn_time_figure(fig, data: dict, history: list[dict], dataset: str) -> None:
+    """The k-NN versus time panel plots the training log's records and, dashed, the
+    references' final validation k-NN from the rows."""
+    ax = fig.axes[0]
+    assert ax.get_title() == dataset
+    lines = {ln.get_label(): ln for ln in ax.get_lines()}
+    dino = lines["dino-seed, seed 0"]
+    assert list(dino.get_xdata()) == [h["train_seconds"] for h in history]
+    assert list(dino.get_ydata()) == [h["val_knn_top1"] for h in history]
+    for model in ("random-init", "pixels"):
+        value = next(r["value"] for r in data["rows"] if (r["dataset"], r["model"],
+                     r["metric"]) == (dataset, model, "val_knn_top1"))
+        assert list(lines[f"{model} (reference)"].get_ydata()) == [value, value]
+    levels = {ln.get_ydata()[0] for ln in ax.get_lines() if ln.get_linestyle() == ":"}
+    curve = next(c for c in data["figures"]["curves"] if c["model"] == "dino-seed")
+    assert levels == set(curve["levels"]) and levels
+    assert {label for label in lines if not label.startswith("_")} == {
+        "dino-seed, seed 0", "random-init (reference)", "pixels (reference)"}
+
+
 def check_outputs(out: Path, rows: list[dict], datasets: list[str]) -> None:
     history = trainer_history(out)
     assert [h["epoch"] for h in history] == [1, 2]
@@ -189,7 +277,11 @@ def check_outputs(out: Path, rows: list[dict], datasets: list[str]) -> None:
     tables = {name: (out / name).read_bytes() for name in ("results.md", "results.csv")}
     for p in paths + [out / "results.md", out / "results.csv"]:
         p.unlink()
-    rebuild(out)
+    with saved_figures() as drawn:
+        rebuild(out)
+    data = json.loads((out / "results.json").read_text())
+    check_tables(md, data, history, datasets[0])
+    check_knn_time_figure(drawn["knn_vs_time.png"], data, history, datasets[0])
     assert {name: (out / name).read_bytes() for name in tables} == tables
     assert all(p.is_file() for p in paths)
     index = write_index(out.parent)
