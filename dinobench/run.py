@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import platform
 import shlex
@@ -191,13 +192,11 @@ def unit_identity(ds: Dataset, seed: int, opts: RunOptions, recipe: Recipe, cfg:
                 "val_size": opts.val_size}
     if ds.train_images is not ds.pretrain_images and not opts.val_unseen:
         # The labelled split (k-NN bank, validation, probes) is not the pre-training
-        # images (--labels-per-class, STL-10's unlabelled split), so their fingerprint
-        # does not pin it down. (Absent where it does, as before the key.)
+        # images (--labels-per-class, --pretrain-subset, STL-10's unlabelled split), so
+        # their fingerprint does not pin it down.
         identity["labelled"] = [checkpoint.fingerprint(ds.train_images),
                                 checkpoint.fingerprint(ds.train_labels)]
-    every = eval_every(opts, ds.name, recipe.epochs)
-    if every != eval_every(dataclasses.replace(opts, eval_every=None), ds.name, recipe.epochs):
-        identity["eval_every"] = every  # one cadence per curve (absent: the default)
+    identity["eval_every"] = eval_every(opts, ds.name, recipe.epochs)  # one cadence a curve
     if opts.val_unseen:  # (absent: the validation images pre-trained on, as before)
         identity["val_unseen"] = True
     if opts.eval_feature != "cls":  # and one feature (absent: CLS, as before the option)
@@ -216,6 +215,18 @@ def evaluation_identity(ds: Dataset, opts: RunOptions, recipe: Recipe) -> dict:
             "supervised_epochs": opts.supervised_epochs or recipe.epochs}
 
 
+# Entered the identity together; a saved identity without "eval_every" was written
+# before, and is compared without them, so that its run still resumes.
+SINCE_EVAL_EVERY = ("eval_every", "labelled")
+
+
+def comparable(saved: dict, current: dict) -> dict:
+    """``current`` as an identity of ``saved``'s vintage would record it."""
+    if "eval_every" in saved:
+        return current
+    return {k: v for k, v in current.items() if k not in SINCE_EVAL_EVERY}
+
+
 def finished_budget(done: dict) -> float | None:
     """The ``--budget-seconds`` a finished unit's rows were made under (None: none)."""
     return next((r["budget_seconds"] for r in done["rows"] if "budget_seconds" in r), None)
@@ -225,19 +236,22 @@ def describe_budget(seconds: float | None) -> str:
     return "no time budget" if seconds is None else f"--budget-seconds {seconds:g}"
 
 
-def check_budget_covers(path, trainer: DINOTrainer, budget: float | None) -> None:
-    """Refuse a resume whose budget is under the training the saved state has had: its
-    rows would claim a budget the model trained past. The same budget, on a state it
-    cut, is allowed (it returns at once: the cut comes at the first step after it)."""
-    if budget is None or trainer.train_seconds <= budget:
-        return
-    last = trainer.history[-1] if trainer.history else {}
-    if last.get("budget_stop") and last.get("budget_seconds", budget) == budget:
+UNKNOWN = object()  # the budget of a checkpoint written before checkpoints recorded it
+
+
+def check_budget_covers(path, trained: float, budget: float | None,
+                        ran_under: float | None | object) -> None:
+    """Refuse a resume whose budget is under the ``trained`` seconds the saved state has
+    had under another budget (``ran_under``): its rows would claim a budget the model
+    trained past. Under the same budget the run goes on as it would have (the cut comes
+    at the first step after the budget, so the seconds can pass it by a step)."""
+    if (budget is None or trained <= budget or ran_under is UNKNOWN
+            or ran_under == budget):
         return
     raise checkpoint.CheckpointError(
-        f"cannot resume from {path}: it has trained {trainer.train_seconds:.1f} s, more "
-        f"than --budget-seconds {budget:g}; resume with a budget of at least that, or start "
-        "over with --restart")
+        f"cannot resume from {path}: it has trained {trained:.1f} s under "
+        f"{describe_budget(ran_under)}, more than --budget-seconds {budget:g}; resume with "
+        f"--budget-seconds {math.ceil(trained)} or more, or start over with --restart")
 
 
 def run_unit(ds: Dataset, seed: int, opts: RunOptions, folder: RunFolder, device: torch.device,
@@ -251,6 +265,7 @@ def run_unit(ds: Dataset, seed: int, opts: RunOptions, folder: RunFolder, device
     finished = json.loads(json.dumps(
         {**identity, "evaluation": evaluation_identity(ds, opts, recipe)}))
     ckpt_path = folder.checkpoint(ds.name, seed)
+    before = UNKNOWN  # the budget of the finished unit's rows, where there are some
     if opts.resume:
         done = folder.load_done(ds.name, seed)
         if done is not None:
@@ -259,7 +274,8 @@ def run_unit(ds: Dataset, seed: int, opts: RunOptions, folder: RunFolder, device
                 raise checkpoint.CheckpointError(
                     f"{path} holds rows without the configuration that made them; start "
                     "over with --restart")
-            checkpoint.check_identity(path, done["identity"], finished)
+            checkpoint.check_identity(path, done["identity"],
+                                      comparable(done["identity"], finished))
             before = finished_budget(done)
             if before == opts.budget_seconds:
                 log(f"[{ds.name}] seed {seed}: finished earlier, rows reused")
@@ -276,6 +292,11 @@ def run_unit(ds: Dataset, seed: int, opts: RunOptions, folder: RunFolder, device
             log(f"[{ds.name}] seed {seed}: finished earlier under "
                 f"{describe_budget(before)}; continuing from its checkpoint under "
                 f"{describe_budget(opts.budget_seconds)}")
+            # Its rows are no longer the checkpoint's: an interrupted continuation must
+            # not find them. Every rank has read them before the main one removes them.
+            distrib.barrier()
+            if info.is_main:
+                path.unlink()
     crop_cfg = MultiCropConfig.from_recipe(recipe, cfg.image_size, cfg.patch_size,
                                            ds.spec.mean, ds.spec.std)
     every = eval_every(opts, ds.name, recipe.epochs)
@@ -294,16 +315,19 @@ def run_unit(ds: Dataset, seed: int, opts: RunOptions, folder: RunFolder, device
                           on_epoch_end=on_epoch_end, precision=opts.precision)
     if opts.resume and ckpt_path.exists():
         saved = checkpoint.load(ckpt_path)
-        checkpoint.check_identity(ckpt_path, saved["identity"], identity)
+        checkpoint.check_identity(ckpt_path, saved["identity"],
+                                  comparable(saved["identity"], identity))
         trainer.load_state_dict(saved["trainer"])
-        check_budget_covers(ckpt_path, trainer, opts.budget_seconds)
+        check_budget_covers(ckpt_path, trainer.train_seconds, opts.budget_seconds,
+                            saved["trainer"].get("budget_seconds", before))
         log(f"[{ds.name}] seed {seed}: resuming at epoch {trainer.epoch + 1}, "
             f"step {trainer.step_count} from {ckpt_path}")
 
     def save(tr: DINOTrainer) -> None:
         state = tr.state_dict()  # collective under torchrun: every rank calls it
-        if info.is_main:
-            checkpoint.save(ckpt_path, identity, state)
+        if info.is_main:  # with the budget it trained under, for a resume to compare
+            checkpoint.save(ckpt_path, identity,
+                            {**state, "budget_seconds": opts.budget_seconds})
 
     try:
         result = trainer.fit(ds.pretrain_images, checkpoint=save,

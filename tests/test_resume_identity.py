@@ -8,8 +8,10 @@ import json
 
 import pytest
 
+from dinobench import checkpoint
 from dinobench.checkpoint import CheckpointError
-from dinobench.run import RunOptions, run
+from dinobench.dino.train import DINOTrainer
+from dinobench.run import UNKNOWN, RunOptions, check_budget_covers, run
 
 TINY = dict(depth=1, dim=32, heads=2, mlp_dim=64, batch_size=128, n_local=2, epochs=2)
 
@@ -60,12 +62,49 @@ def test_the_same_flags_reuse_the_rows(finished):
     assert rows == old
 
 
-def test_a_larger_budget_continues_a_cut_run_and_a_smaller_one_is_refused(tmp_path):
+def test_an_identity_written_before_the_cadence_entered_it_still_resumes(tmp_path):
+    """A finished unit saved by a dinobench whose identity had no "eval_every" (nor
+    "labelled"): the same flags reuse its rows, as they did when it was written."""
+    out = tmp_path / "r"
+    run(_opts(out, eval_every=2), log=lambda m: None)
+    done = out / "checkpoints" / "digits_seed0.done.json"
+    record = json.loads(done.read_text())
+    assert record["identity"]["eval_every"] == 2
+    del record["identity"]["eval_every"]
+    done.write_text(json.dumps(record))
+    lines = []
+    run(_opts(out, resume=True, eval_every=2), log=lines.append)
+    assert any("finished earlier, rows reused" in line for line in lines)
+
+
+@pytest.mark.parametrize(("trained", "budget", "ran_under", "refused"), [
+    (61.2, None, 60.0, False),  # no budget: nothing to exceed
+    (20.0, 30.0, 60.0, False),  # a budget that covers the training done
+    (61.2, 60.0, 60.0, False),  # the same budget, passed by its last step: goes on as it would
+    (61.2, 30.0, 60.0, True),   # under the training another budget allowed
+    (61.2, 30.0, None, True),   # under the training no budget allowed
+    (61.2, 30.0, UNKNOWN, False),  # a checkpoint from before budgets were saved: as before
+])
+def test_a_budget_under_the_training_done_under_another_is_refused(trained, budget,
+                                                                  ran_under, refused):
+    if not refused:
+        check_budget_covers("ck.pt", trained, budget, ran_under)
+        return
+    with pytest.raises(CheckpointError, match=r"^cannot resume from ck\.pt: it has trained "
+                       r"61\.2 s under .*, more than --budget-seconds 30; resume with "
+                       r"--budget-seconds 62 or more, or start over with --restart$"):
+        check_budget_covers("ck.pt", trained, budget, ran_under)
+
+
+def test_a_larger_budget_continues_a_cut_run_and_a_smaller_one_is_refused(tmp_path,
+                                                                         monkeypatch):
     out = tmp_path / "r"
     run(_opts(out, budget_seconds=1e-6), log=lambda m: None)  # cut after its first step
     cut = _records(out)
     assert len(cut) == 1 and cut[0]["budget_stop"] and cut[0]["step"] == 1
     assert cut[0]["budget_seconds"] == 1e-6
+    ckpt = out / "checkpoints" / "digits_seed0.pt"
+    assert checkpoint.load(ckpt)["trainer"]["budget_seconds"] == 1e-6
     assert all(r["budget_seconds"] == 1e-6 and r["budget_stop"] for r in _rows(out)
                if r["model"] == "dino-small")
 
@@ -76,8 +115,18 @@ def test_a_larger_budget_continues_a_cut_run_and_a_smaller_one_is_refused(tmp_pa
 
     # No budget: training goes on from the cut to the planned 2 epochs (1,347
     # pre-training images at batch 128: 10 full steps an epoch), and the rows say so.
+    # The old rows are gone while it trains, so a stopped continuation cannot reuse them.
+    done = out / "checkpoints" / "digits_seed0.done.json"
+    seen, fit = [], DINOTrainer.fit
+
+    def spy(self, images, **kw):
+        seen.append(done.exists())
+        return fit(self, images, **kw)
+
+    monkeypatch.setattr(DINOTrainer, "fit", spy)
     lines = []
     run(_opts(out, resume=True), log=lines.append)
+    assert seen == [False] and done.exists()
     assert any("continuing from its checkpoint under no time budget" in line
                for line in lines)
     records = _records(out)
@@ -88,7 +137,8 @@ def test_a_larger_budget_continues_a_cut_run_and_a_smaller_one_is_refused(tmp_pa
 
     # A budget under the training the state has had would claim what it did not do.
     before = (out / "results.json").read_bytes()
-    with pytest.raises(CheckpointError, match="more than --budget-seconds 1e-06"):
+    with pytest.raises(CheckpointError, match="under no time budget, more than "
+                       "--budget-seconds 1e-06; resume with --budget-seconds [0-9]+ or more"):
         run(_opts(out, resume=True, budget_seconds=1e-6), log=lambda m: None)
     assert (out / "results.json").read_bytes() == before
 
