@@ -378,7 +378,7 @@ class DINOTrainer:
             record.update(train_seconds=self.train_seconds,
                           eval_seconds=time.perf_counter() - t_eval,
                           images_seen=self.step_count * r.batch_size)
-            if cut:  # and the budget that cut it, so a resume can tell it from another
+            if cut:  # and the budget that cut it, for the log's reader
                 record.update(budget_stop=True, budget_seconds=max_seconds)
             self.history.append(record)
             if self.pos == steps:  # a cut inside an epoch keeps its place in it
